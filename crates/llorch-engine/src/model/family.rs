@@ -1,0 +1,441 @@
+//! Our own forward pass for the llama family (llama / SmolLM2 / TinyLlama / Mistral,
+//! qwen2, qwen3, gemma3), from GGUF (quantized) or SafeTensors (f32/f16/bf16) weights.
+//!
+//! Why not Candle's model files: they keep one KV cache inside the model, so only one
+//! sequence can run at a time. Here the KV cache belongs to the sequence ([`SeqCache`])
+//! and [`FamilyModel::forward`] takes a ragged batch: any number of sequences, each
+//! with any number of new tokens at its own position. All matmuls run once over the
+//! stacked tokens (weights are read once per step, whatever the batch size); only
+//! attention runs per sequence, over that sequence's own cache. Prefill, decode and a
+//! mix of both are the same call. The unit tests check the logits against Candle's
+//! reference implementations on the same files.
+
+use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::kv_cache::KvCache;
+use candle_nn::RmsNorm;
+use std::sync::Arc;
+
+use crate::error::Result;
+
+/// Architecture quirks that differ inside the family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    Llama,
+    Qwen2,
+    Qwen3,
+    Gemma3,
+}
+
+impl Arch {
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Llama => "llama",
+            Arch::Qwen2 => "qwen2",
+            Arch::Qwen3 => "qwen3",
+            Arch::Gemma3 => "gemma3",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    Silu,
+    GeluTanh,
+}
+
+#[derive(Debug, Clone)]
+pub struct FamilyConfig {
+    pub arch: Arch,
+    pub hidden: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub intermediate: usize,
+    pub vocab: usize,
+    pub eps: f64,
+    pub rope_base: f32,
+    /// Gemma 3's sliding-window layers use a second RoPE base.
+    pub rope_local_base: f32,
+    /// GGUF llama files store Q/K permuted for llama.cpp's interleaved ("normal") RoPE;
+    /// HF SafeTensors and the other architectures use the half-split ("neox") form.
+    pub rope_interleaved: bool,
+    pub sliding_window: Option<usize>,
+    /// Gemma 3: every `sliding_pattern`-th layer is global, the others use the window.
+    pub sliding_pattern: usize,
+    pub activation: Activation,
+    pub embed_scale: Option<f64>,
+    pub context_length: usize,
+}
+
+struct Linear {
+    w: QMatMul,
+    b: Option<Tensor>,
+}
+
+impl Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.w.forward(x)?;
+        Ok(match &self.b {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+}
+
+struct Layer {
+    attn_norm: RmsNorm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
+    post_attn_norm: Option<RmsNorm>,
+    ffn_norm: RmsNorm,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+    post_ffn_norm: Option<RmsNorm>,
+    window: Option<usize>,
+    rope_base: f32,
+}
+
+/// Where weights come from: GGUF tensors or a SafeTensors folder, under GGUF's names.
+pub trait WeightSource {
+    /// A matrix for a matmul; quantized stays quantized.
+    fn matrix(&mut self, name: &str) -> Result<Arc<QTensor>>;
+    /// A dense tensor (norm weights, biases) in the compute dtype.
+    fn vector(&mut self, name: &str, dtype: DType) -> Result<Tensor>;
+    fn has(&self, name: &str) -> bool;
+    /// Dense weights are used as `QMatMul::Tensor` in this dtype.
+    fn dense(&mut self, name: &str, dtype: DType) -> Result<Option<Tensor>>;
+}
+
+enum Embedding {
+    Quantized(Arc<QTensor>),
+    Dense(Tensor),
+}
+
+/// One sequence's KV cache: per layer, keys and values of shape `[kv_heads, len, head_dim]`.
+pub struct SeqCache {
+    layers: Vec<KvCache>,
+    len: usize,
+}
+
+impl SeqCache {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// One entry of a ragged batch: new tokens for one sequence, appended at `cache.len()`.
+pub struct BatchItem<'a> {
+    pub cache: &'a mut SeqCache,
+    pub tokens: &'a [u32],
+}
+
+pub struct FamilyModel {
+    pub cfg: FamilyConfig,
+    embed: Embedding,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    lm_head: QMatMul,
+    device: Device,
+    dtype: DType,
+}
+
+/// Grow KV caches in chunks of this many positions (allocation amortised, memory bounded).
+const KV_CHUNK: usize = 256;
+
+impl FamilyModel {
+    pub fn load(
+        cfg: FamilyConfig,
+        src: &mut dyn WeightSource,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        let lin = |src: &mut dyn WeightSource, name: &str, bias: bool| -> Result<Linear> {
+            let w = match src.dense(&format!("{name}.weight"), dtype)? {
+                Some(t) => QMatMul::Tensor(t),
+                None => QMatMul::from_arc(src.matrix(&format!("{name}.weight"))?)?,
+            };
+            let bname = format!("{name}.bias");
+            let b = if bias && src.has(&bname) {
+                Some(src.vector(&bname, dtype)?)
+            } else {
+                None
+            };
+            Ok(Linear { w, b })
+        };
+        let norm = |src: &mut dyn WeightSource, name: &str| -> Result<RmsNorm> {
+            Ok(RmsNorm::new(
+                src.vector(&format!("{name}.weight"), dtype)?,
+                cfg.eps,
+            ))
+        };
+        let opt_norm = |src: &mut dyn WeightSource, name: &str| -> Result<Option<RmsNorm>> {
+            if src.has(&format!("{name}.weight")) {
+                Ok(Some(norm(src, name)?))
+            } else {
+                Ok(None)
+            }
+        };
+        let mut layers = Vec::with_capacity(cfg.layers);
+        for i in 0..cfg.layers {
+            let p = format!("blk.{i}");
+            let is_sliding = cfg.arch == Arch::Gemma3 && (i + 1) % cfg.sliding_pattern.max(1) != 0;
+            let window = if is_sliding { cfg.sliding_window } else { None };
+            layers.push(Layer {
+                attn_norm: norm(src, &format!("{p}.attn_norm"))?,
+                q: lin(src, &format!("{p}.attn_q"), true)?,
+                k: lin(src, &format!("{p}.attn_k"), true)?,
+                v: lin(src, &format!("{p}.attn_v"), true)?,
+                o: lin(src, &format!("{p}.attn_output"), false)?,
+                q_norm: opt_norm(src, &format!("{p}.attn_q_norm"))?,
+                k_norm: opt_norm(src, &format!("{p}.attn_k_norm"))?,
+                post_attn_norm: opt_norm(src, &format!("{p}.post_attention_norm"))?,
+                ffn_norm: norm(src, &format!("{p}.ffn_norm"))?,
+                gate: lin(src, &format!("{p}.ffn_gate"), false)?,
+                up: lin(src, &format!("{p}.ffn_up"), false)?,
+                down: lin(src, &format!("{p}.ffn_down"), false)?,
+                post_ffn_norm: opt_norm(src, &format!("{p}.post_ffw_norm"))?,
+                window,
+                rope_base: if is_sliding {
+                    cfg.rope_local_base
+                } else {
+                    cfg.rope_base
+                },
+            });
+        }
+        let norm_out = norm(src, "output_norm")?;
+        let (embed, tied) = match src.dense("token_embd.weight", dtype)? {
+            Some(t) => (Embedding::Dense(t.clone()), QMatMul::Tensor(t)),
+            None => {
+                let q = src.matrix("token_embd.weight")?;
+                (Embedding::Quantized(q.clone()), QMatMul::from_arc(q)?)
+            }
+        };
+        let lm_head = if src.has("output.weight") {
+            match src.dense("output.weight", dtype)? {
+                Some(t) => QMatMul::Tensor(t),
+                None => QMatMul::from_arc(src.matrix("output.weight")?)?,
+            }
+        } else {
+            tied
+        };
+        Ok(Self {
+            cfg,
+            embed,
+            layers,
+            norm: norm_out,
+            lm_head,
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn new_cache(&self) -> SeqCache {
+        SeqCache {
+            layers: (0..self.cfg.layers)
+                .map(|_| KvCache::new(1, KV_CHUNK))
+                .collect(),
+            len: 0,
+        }
+    }
+
+    /// Bytes of KV cache one token of context costs.
+    pub fn kv_bytes_per_token(&self) -> usize {
+        2 * self.cfg.layers * self.cfg.kv_heads * self.cfg.head_dim * self.dtype.size_in_bytes()
+    }
+
+    fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let x = match &self.embed {
+            Embedding::Quantized(q) => q.embedding(ids)?,
+            Embedding::Dense(w) => w.index_select(ids, 0)?,
+        };
+        let x = x.to_dtype(self.dtype)?;
+        Ok(match self.cfg.embed_scale {
+            Some(s) => (x * s)?,
+            None => x,
+        })
+    }
+
+    /// cos/sin tables `[n, 1, head_dim/2]` for the given absolute positions.
+    fn rope_tables(&self, positions: &[usize], base: f32) -> Result<(Tensor, Tensor)> {
+        let half = self.cfg.head_dim / 2;
+        let inv: Vec<f32> = (0..half)
+            .map(|i| 1f32 / base.powf((2 * i) as f32 / self.cfg.head_dim as f32))
+            .collect();
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for &p in positions {
+            for &f in &inv {
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        let n = positions.len();
+        let cos = Tensor::from_vec(cos, (n, 1, half), &self.device)?.to_dtype(self.dtype)?;
+        let sin = Tensor::from_vec(sin, (n, 1, half), &self.device)?.to_dtype(self.dtype)?;
+        Ok((cos, sin))
+    }
+
+    fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        Ok(if self.cfg.rope_interleaved {
+            candle_nn::rotary_emb::rope_i(x, cos, sin)?
+        } else {
+            candle_nn::rotary_emb::rope(x, cos, sin)?
+        })
+    }
+
+    /// Runs the new tokens of every item through the model, appends their keys and values
+    /// to each item's cache, and returns the logits of each item's last token:
+    /// `[items, vocab]`, f32.
+    pub fn forward(&self, items: &mut [BatchItem<'_>]) -> Result<Tensor> {
+        let c = &self.cfg;
+        let mut ids = Vec::new();
+        let mut positions = Vec::new();
+        let mut spans = Vec::with_capacity(items.len());
+        for it in items.iter() {
+            let start = ids.len();
+            let p0 = it.cache.len;
+            ids.extend_from_slice(it.tokens);
+            positions.extend((0..it.tokens.len()).map(|i| p0 + i));
+            spans.push((start, it.tokens.len(), p0));
+        }
+        let n = ids.len();
+        let ids_t = Tensor::from_vec(ids, n, &self.device)?;
+        let mut x = self.embed(&ids_t)?; // [n, hidden]
+        let mut tables: Vec<(f32, Tensor, Tensor)> = Vec::new();
+        for layer in &self.layers {
+            if !tables.iter().any(|(b, _, _)| *b == layer.rope_base) {
+                let (cs, sn) = self.rope_tables(&positions, layer.rope_base)?;
+                tables.push((layer.rope_base, cs, sn));
+            }
+        }
+        for (li, layer) in self.layers.iter().enumerate() {
+            let (_, cos, sin) = tables
+                .iter()
+                .find(|(b, _, _)| *b == layer.rope_base)
+                .unwrap();
+            let h = layer.attn_norm.forward(&x)?;
+            let q = layer.q.forward(&h)?.reshape((n, c.heads, 1, c.head_dim))?;
+            let k = layer
+                .k
+                .forward(&h)?
+                .reshape((n, c.kv_heads, 1, c.head_dim))?;
+            let v = layer.v.forward(&h)?.reshape((n, c.kv_heads, c.head_dim))?;
+            let q = match &layer.q_norm {
+                Some(nrm) => nrm.forward(&q.contiguous()?)?,
+                None => q,
+            };
+            let k = match &layer.k_norm {
+                Some(nrm) => nrm.forward(&k.contiguous()?)?,
+                None => k,
+            };
+            let q = self.rope(&q.contiguous()?, cos, sin)?.squeeze(2)?; // [n, heads, d]
+            let k = self.rope(&k.contiguous()?, cos, sin)?.squeeze(2)?; // [n, kv, d]
+            let mut outs = Vec::with_capacity(items.len());
+            for (it, &(start, len, p0)) in items.iter_mut().zip(spans.iter()) {
+                let qi = q.narrow(0, start, len)?.transpose(0, 1)?.contiguous()?; // [H, T, d]
+                let ki = k.narrow(0, start, len)?.transpose(0, 1)?.contiguous()?; // [KV, T, d]
+                let vi = v.narrow(0, start, len)?.transpose(0, 1)?.contiguous()?;
+                let (kc, vc) = it.cache.layers[li].append(&ki, &vi)?; // [KV, L, d]
+                outs.push(self.attention(&qi, &kc, &vc, p0, layer.window)?);
+            }
+            let attn = if outs.len() == 1 {
+                outs.pop().unwrap()
+            } else {
+                Tensor::cat(&outs, 0)?
+            };
+            let mut a = layer.o.forward(&attn)?;
+            if let Some(nrm) = &layer.post_attn_norm {
+                a = nrm.forward(&a)?;
+            }
+            x = (x + a)?;
+            let h = layer.ffn_norm.forward(&x)?;
+            let g = layer.gate.forward(&h)?;
+            let g = match c.activation {
+                Activation::Silu => candle_nn::ops::silu(&g)?,
+                Activation::GeluTanh => g.gelu()?,
+            };
+            let mut m = layer.down.forward(&(g * layer.up.forward(&h)?)?)?;
+            if let Some(nrm) = &layer.post_ffn_norm {
+                m = nrm.forward(&m)?;
+            }
+            x = (x + m)?;
+        }
+        for (it, &(_, len, _)) in items.iter_mut().zip(spans.iter()) {
+            it.cache.len += len;
+        }
+        let last: Vec<u32> = spans.iter().map(|&(s, l, _)| (s + l - 1) as u32).collect();
+        let last = Tensor::from_vec(last, spans.len(), &self.device)?;
+        let x = x.index_select(&last, 0)?;
+        let x = self.norm.forward(&x)?;
+        Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
+    }
+
+    /// Attention of one sequence's `T` new queries (`[H, T, d]`) over its cache
+    /// (`[KV, L, d]`, the new keys included). Query heads are grouped onto their KV head
+    /// by a reshape, so GQA needs no copy of the cache.
+    fn attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        p0: usize,
+        window: Option<usize>,
+    ) -> Result<Tensor> {
+        let c = &self.cfg;
+        let (_, t, d) = q.dims3()?;
+        let mut k = k.clone();
+        let mut v = v.clone();
+        let mut l = k.dim(1)?;
+        let mut k0 = 0; // absolute position of the first key kept
+        if let (Some(w), 1) = (window, t) {
+            if l > w {
+                k0 = l - w;
+                k = k.narrow(1, k0, w)?;
+                v = v.narrow(1, k0, w)?;
+                l = w;
+            }
+        }
+        let g = c.heads / c.kv_heads;
+        let q = q.reshape((c.kv_heads, g * t, d))?;
+        let scale = 1.0 / (c.head_dim as f64).sqrt();
+        let mut s = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?; // [KV, G*T, L]
+        if t > 1 {
+            let mut mask = vec![0f32; t * l];
+            for i in 0..t {
+                let qp = p0 + i;
+                for j in 0..l {
+                    let kp = k0 + j;
+                    let visible = kp <= qp && window.is_none_or(|w| qp - kp < w);
+                    if !visible {
+                        mask[i * l + j] = f32::NEG_INFINITY;
+                    }
+                }
+            }
+            let mask = Tensor::from_vec(mask, (t, l), &self.device)?;
+            s = s
+                .reshape((c.kv_heads, g, t, l))?
+                .broadcast_add(&mask)?
+                .reshape((c.kv_heads, g * t, l))?;
+        }
+        let p = candle_nn::ops::softmax_last_dim(&s)?.to_dtype(v.dtype())?;
+        let o = p.matmul(&v.contiguous()?)?; // [KV, G*T, d]
+        Ok(o.reshape((c.heads, t, d))?
+            .transpose(0, 1)?
+            .reshape((t, c.heads * d))?)
+    }
+}

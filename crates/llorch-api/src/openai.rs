@@ -56,12 +56,43 @@ pub struct SamplingFields {
     pub n: Option<i64>,
 }
 
+/// The sampling fields of a completions or chat request, gathered for validation.
+/// (Not `#[serde(flatten)]`ed into the requests: flatten hides the field name from
+/// type errors, and a 400 must name the field.)
+macro_rules! sampling_fields {
+    ($t:ty) => {
+        impl $t {
+            pub fn sampling(&self) -> SamplingFields {
+                SamplingFields {
+                    max_tokens: self.max_tokens,
+                    temperature: self.temperature,
+                    top_p: self.top_p,
+                    top_k: self.top_k,
+                    min_p: self.min_p,
+                    repetition_penalty: self.repetition_penalty,
+                    seed: self.seed,
+                    stop: self.stop.clone(),
+                    n: self.n,
+                }
+            }
+        }
+    };
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CompletionRequest {
     pub model: Option<String>,
     pub prompt: Prompt,
-    #[serde(flatten)]
-    pub sampling: SamplingFields,
+    pub max_tokens: Option<i64>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<i64>,
+    pub min_p: Option<f64>,
+    pub repetition_penalty: Option<f64>,
+    pub seed: Option<u64>,
+    pub stop: Option<Stop>,
+    /// Only 1 is supported; larger values are refused.
+    pub n: Option<i64>,
     #[serde(default)]
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
@@ -105,14 +136,25 @@ impl ChatMessage {
 pub struct ChatCompletionRequest {
     pub model: Option<String>,
     pub messages: Vec<ChatMessage>,
-    #[serde(flatten)]
-    pub sampling: SamplingFields,
+    pub max_tokens: Option<i64>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<i64>,
+    pub min_p: Option<f64>,
+    pub repetition_penalty: Option<f64>,
+    pub seed: Option<u64>,
+    pub stop: Option<Stop>,
+    /// Only 1 is supported; larger values are refused.
+    pub n: Option<i64>,
     /// OpenAI's newer name for `max_tokens`.
     pub max_completion_tokens: Option<i64>,
     #[serde(default)]
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
 }
+
+sampling_fields!(CompletionRequest);
+sampling_fields!(ChatCompletionRequest);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Usage {
@@ -226,7 +268,7 @@ mod tests {
         let r: CompletionRequest =
             serde_json::from_str(r#"{"prompt":"hi","max_tokens":3,"user":"x"}"#).unwrap();
         assert_eq!(r.prompt, Prompt::Text("hi".into()));
-        assert_eq!(r.sampling.max_tokens, Some(3));
+        assert_eq!(r.max_tokens, Some(3));
         let r: CompletionRequest = serde_json::from_str(r#"{"prompt":[1,2,3]}"#).unwrap();
         assert_eq!(r.prompt, Prompt::Tokens(vec![1, 2, 3]));
     }

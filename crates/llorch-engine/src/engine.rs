@@ -68,6 +68,9 @@ pub enum Event {
         logprob: f32,
         index: usize,
     },
+    /// Text released at the end without a new token (held back as a possible stop
+    /// sequence that did not complete).
+    Text(String),
     Done(Final),
     Error(String),
 }
@@ -501,12 +504,7 @@ impl Scheduler {
         if reason != FinishReason::Stop && reason != FinishReason::Cancelled {
             let rest = s.stops.flush();
             if !rest.is_empty() {
-                let _ = s.req.events.send(Event::Token {
-                    text: rest,
-                    id: *s.output.last().unwrap_or(&0),
-                    logprob: 0.0,
-                    index: s.output.len().saturating_sub(1),
-                });
+                let _ = s.req.events.send(Event::Text(rest));
             }
         }
         let first = s.first_token.unwrap_or_else(Instant::now);
@@ -561,6 +559,7 @@ pub fn generate_blocking(
         match ev {
             Event::Started { .. } => {}
             Event::Token { text, id, .. } => on_token(&text, id),
+            Event::Text(text) => on_token(&text, u32::MAX),
             Event::Done(f) => return Ok(f),
             Event::Error(e) => return Err(EngineError::Device(e)),
         }

@@ -216,6 +216,13 @@ pub fn gguf_family_config(g: &GgufFile, arch: &str) -> Result<Option<FamilyConfi
 fn load_gguf(path: &Path, device: &Device, progress: Progress<'_>) -> Result<LoadedModel> {
     let (g, mut reader) = GgufFile::open(path)?;
     let arch = g.architecture()?;
+    if !SUPPORTED_GGUF.split(", ").any(|a| a == arch) {
+        return Err(EngineError::UnknownArchitecture {
+            path: path.display().to_string(),
+            arch,
+            supported: SUPPORTED_GGUF.into(),
+        });
+    }
     let tokenizer = Tokenizer::from_gguf_or_sidecar(&g, path)?;
     let parameters = g.parameter_count();
     let quantization = g.quantization();

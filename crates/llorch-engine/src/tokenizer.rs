@@ -67,6 +67,15 @@ impl Tokenizer {
         } else {
             build_from_gguf(g)?
         };
+        Ok(Self::with_gguf_specials(inner, g))
+    }
+
+    /// Only the GGUF's embedded vocabulary, even when a sidecar `tokenizer.json` exists.
+    pub fn from_gguf_embedded(g: &GgufFile) -> Result<Self> {
+        Ok(Self::with_gguf_specials(build_from_gguf(g)?, g))
+    }
+
+    fn with_gguf_specials(inner: Inner, g: &GgufFile) -> Self {
         let bos_id = g.get_u64("tokenizer.ggml.bos_token_id").map(|x| x as u32);
         let eos_id = g.get_u64("tokenizer.ggml.eos_token_id").map(|x| x as u32);
         let add_bos = g.get_bool("tokenizer.ggml.add_bos_token").unwrap_or(false);
@@ -82,7 +91,7 @@ impl Tokenizer {
             t.stop_ids.push(e as u32);
         }
         t.finish_stop_ids();
-        Ok(t)
+        t
     }
 
     /// For a SafeTensors folder: `tokenizer.json`, with `tokenizer_config.json` (chat

@@ -334,6 +334,10 @@ impl Scheduler {
                     continue;
                 }
                 reserved += need;
+                self.stats.running.fetch_add(1, Ordering::SeqCst);
+                self.stats
+                    .kv_reserved_tokens
+                    .fetch_add(need, Ordering::SeqCst);
                 let _ = req.events.send(Event::Started {
                     prompt_tokens: req.prompt.len(),
                     queue_time: req.enqueued.elapsed(),
@@ -353,10 +357,6 @@ impl Scheduler {
                     req,
                 });
             }
-            self.stats.running.store(running.len(), Ordering::Relaxed);
-            self.stats
-                .kv_reserved_tokens
-                .store(reserved, Ordering::Relaxed);
             if running.is_empty() {
                 continue;
             }
@@ -373,10 +373,6 @@ impl Scheduler {
                 }
                 !s.done
             });
-            self.stats.running.store(running.len(), Ordering::Relaxed);
-            self.stats
-                .kv_reserved_tokens
-                .store(reserved, Ordering::Relaxed);
         }
     }
 
@@ -435,11 +431,11 @@ impl Scheduler {
                 tracing::error!(error = %e, "forward failed");
                 for &(i, _, _) in &plan {
                     let s = &mut running[i];
+                    self.release(s);
                     let _ = s
                         .req
                         .events
                         .send(Event::Error(format!("forward failed: {e}")));
-                    s.done = true;
                 }
                 return;
             }
@@ -496,11 +492,24 @@ impl Scheduler {
         }
     }
 
-    fn finish(&self, s: &mut Seq, reason: FinishReason, stop: Option<String>) {
+    /// Marks a sequence done and gives back its batch place and KV reservation, before
+    /// its last event is sent (so a client that saw the end sees the engine free).
+    fn release(&self, s: &mut Seq) -> bool {
         if s.done {
-            return;
+            return false;
         }
         s.done = true;
+        self.stats.running.fetch_sub(1, Ordering::SeqCst);
+        self.stats
+            .kv_reserved_tokens
+            .fetch_sub(s.reserved, Ordering::SeqCst);
+        true
+    }
+
+    fn finish(&self, s: &mut Seq, reason: FinishReason, stop: Option<String>) {
+        if !self.release(s) {
+            return;
+        }
         if reason != FinishReason::Stop && reason != FinishReason::Cancelled {
             let rest = s.stops.flush();
             if !rest.is_empty() {

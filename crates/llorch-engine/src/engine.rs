@@ -116,6 +116,9 @@ impl Default for EngineConfig {
     }
 }
 
+/// Called with the batch size of every engine step.
+pub type BatchObserver = Box<dyn Fn(usize) + Send>;
+
 /// Live counters the HTTP layer turns into metrics.
 #[derive(Default)]
 pub struct EngineStats {
@@ -127,7 +130,7 @@ pub struct EngineStats {
     /// Sum and count of batch sizes per step (for a histogram upstream).
     pub steps: AtomicU64,
     pub last_batch: AtomicUsize,
-    pub batch_observer: std::sync::Mutex<Option<Box<dyn Fn(usize) + Send>>>,
+    pub batch_observer: std::sync::Mutex<Option<BatchObserver>>,
 }
 
 impl EngineStats {

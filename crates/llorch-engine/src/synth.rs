@@ -204,9 +204,9 @@ fn qtype(t: &Tensor, want: GgmlDType) -> GgmlDType {
     let cols = *t.dims().last().unwrap_or(&0);
     if t.rank() < 2 {
         GgmlDType::F32
-    } else if cols % want.block_size() == 0 {
+    } else if cols.is_multiple_of(want.block_size()) {
         want
-    } else if cols % 32 == 0 {
+    } else if cols.is_multiple_of(32) {
         GgmlDType::Q8_0
     } else {
         GgmlDType::F32

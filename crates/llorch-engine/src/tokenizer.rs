@@ -32,7 +32,7 @@ pub struct Tokenizer {
 
 enum Inner {
     Hf(Box<tokenizers::Tokenizer>),
-    Spm(Spm),
+    Spm(Box<Spm>),
 }
 
 /// Text of tokens that end a turn in common chat formats.
@@ -386,12 +386,8 @@ fn build_from_gguf(g: &GgufFile) -> Result<Inner> {
             let add_space_prefix = g
                 .get_bool("tokenizer.ggml.add_space_prefix")
                 .unwrap_or(true);
-            Ok(Inner::Spm(Spm::new(
-                tokens,
-                scores,
-                types,
-                add_space_prefix,
-            )))
+            let spm = Spm::new(tokens, scores, types, add_space_prefix);
+            Ok(Inner::Spm(Box::new(spm)))
         }
         other => Err(EngineError::Tokenizer(format!(
             "{}: tokenizer.ggml.model '{other}' is not supported (gpt2, llama)",

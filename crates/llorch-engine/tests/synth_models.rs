@@ -35,6 +35,9 @@ fn logits(path: &Path, tokens: &[u32]) -> Vec<f32> {
         .unwrap()
 }
 
+/// A reference model: (new tokens, position) → last-token logits.
+type Reference = Box<dyn FnMut(&[u32], usize) -> Tensor>;
+
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter()
@@ -116,7 +119,7 @@ fn matches_candles_reference_models() {
         let mut net = m.network;
         let mut seq = net.new_seq();
         let dev = Device::Cpu;
-        let mut reference: Box<dyn FnMut(&[u32], usize) -> Tensor> = match arch {
+        let mut reference: Reference = match arch {
             Arch::Qwen2 => {
                 let mut f = std::fs::File::open(&p).unwrap();
                 let ct = Content::read(&mut f).unwrap();

@@ -120,17 +120,27 @@ pub struct Job {
     finished: bool,
 }
 
+/// What a handler asks the engine for.
+pub struct JobSpec {
+    pub id: String,
+    pub prompt: Vec<u32>,
+    pub max_tokens: Option<i64>,
+    pub sampling: SamplingParams,
+    pub stop: Vec<String>,
+    /// When the request arrived (TTFT and queue time count from here).
+    pub arrived: Instant,
+}
+
 /// Validates the budget and queues the request.
-pub fn start(
-    state: &Shared,
-    engine: &Engine,
-    id: String,
-    prompt: Vec<u32>,
-    max_tokens: Option<i64>,
-    sampling: SamplingParams,
-    stop: Vec<String>,
-    arrived: Instant,
-) -> Result<Job, ApiError> {
+pub fn start(state: &Shared, engine: &Engine, spec: JobSpec) -> Result<Job, ApiError> {
+    let JobSpec {
+        id,
+        prompt,
+        max_tokens,
+        sampling,
+        stop,
+        arrived,
+    } = spec;
     let budget = engine.budget(prompt.len(), max_tokens)?;
     let cancel = Arc::new(AtomicBool::new(false));
     {

@@ -172,12 +172,14 @@ pub async fn completions(
     let job = job::start(
         &st,
         &e,
-        job::new_id("cmpl"),
-        prompt,
-        req.max_tokens,
-        sampling,
-        stop,
-        arrived,
+        job::JobSpec {
+            id: job::new_id("cmpl"),
+            prompt,
+            max_tokens: req.max_tokens,
+            sampling,
+            stop,
+            arrived,
+        },
     )?;
     let model = e.info.id.clone();
     if req.stream {
@@ -280,12 +282,14 @@ pub async fn chat_completions(
     let job = job::start(
         &st,
         &e,
-        job::new_id("chatcmpl"),
-        prompt,
-        max_tokens,
-        sampling,
-        stop,
-        arrived,
+        job::JobSpec {
+            id: job::new_id("chatcmpl"),
+            prompt,
+            max_tokens,
+            sampling,
+            stop,
+            arrived,
+        },
     )?;
     let model = e.info.id.clone();
     if req.stream {
@@ -508,12 +512,14 @@ pub async fn execute(
     let job = job::start(
         &st,
         &e,
-        job_id.clone(),
-        prompt,
-        req.max_tokens,
-        sampling,
-        stop,
-        arrived,
+        job::JobSpec {
+            id: job_id.clone(),
+            prompt,
+            max_tokens: req.max_tokens,
+            sampling,
+            stop,
+            arrived,
+        },
     )?;
     let prompt_tokens = job.prompt_tokens;
     let mut index = 0usize;

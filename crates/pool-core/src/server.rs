@@ -107,20 +107,14 @@ async fn models(State(m): State<St>) -> Json<serde_json::Value> {
     Json(json!({"object": "list", "data": data}))
 }
 
-fn parse<T: serde::de::DeserializeOwned>(b: &Bytes) -> Result<T, Response> {
-    serde_json::from_slice(b).map_err(|e| {
-        error(
-            400,
-            "invalid_request_error",
-            format!("invalid request body: {e}"),
-        )
-    })
+fn parse<T: serde::de::DeserializeOwned>(b: &Bytes) -> Result<T, String> {
+    serde_json::from_slice(b).map_err(|e| format!("invalid request body: {e}"))
 }
 
 async fn start(State(m): State<St>, b: Bytes) -> Response {
     let req: StartWorkerRequest = match parse(&b) {
         Ok(r) => r,
-        Err(r) => return r,
+        Err(e) => return error(400, "invalid_request_error", e),
     };
     let device = match m.resolve_device(req.device.as_deref().unwrap_or("auto")) {
         Ok(d) => d,
@@ -149,7 +143,7 @@ async fn start(State(m): State<St>, b: Bytes) -> Response {
 async fn stop(State(m): State<St>, b: Bytes) -> Response {
     let req: StopWorkerRequest = match parse(&b) {
         Ok(r) => r,
-        Err(r) => return r,
+        Err(e) => return error(400, "invalid_request_error", e),
     };
     if m.request_stop(&req.worker_id, "requested") {
         (
@@ -181,7 +175,7 @@ async fn drain(State(m): State<St>, Path(id): Path<String>) -> Response {
 async fn ready(State(m): State<St>, h: HeaderMap, b: Bytes) -> Response {
     let cb: ReadyCallback = match parse(&b) {
         Ok(r) => r,
-        Err(r) => return r,
+        Err(e) => return error(400, "invalid_request_error", e),
     };
     let bearer = h
         .get("authorization")

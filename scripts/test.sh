@@ -13,10 +13,10 @@ if ! command -v promtool >/dev/null; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null
 fi
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import openai" 2>/dev/null; then
-  log "creating .venv with the openai client"
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import openai, yaml" 2>/dev/null; then
+  log "creating .venv with the openai client and PyYAML"
   python3 -m venv .venv
-  .venv/bin/pip install -q --disable-pip-version-check "openai==2.*" || .venv/bin/pip install -q --disable-pip-version-check openai
+  .venv/bin/pip install -q --disable-pip-version-check openai pyyaml
 fi
 export LLORCH_TEST_PYTHON="$PWD/.venv/bin/python"
 
@@ -33,7 +33,12 @@ log "cargo fmt --check, cargo clippy"
 cargo fmt --all -- --check
 cargo clippy --release --workspace --all-targets -- -D warnings
 
-# 5. Tests.
+# 5. Deployment files: Prometheus config, manifests, dashboard.
+log "deploy/ checks"
+promtool check config deploy/prometheus/prometheus.yml
+.venv/bin/python deploy/check.py
+
+# 6. Tests.
 log "tests"
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --release --workspace --no-fail-fast

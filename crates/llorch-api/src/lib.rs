@@ -5,6 +5,7 @@
 //! endpoint, and `.specs/` (from DESIGN.md) everywhere else.
 
 pub mod error;
+pub mod models;
 pub mod native;
 pub mod openai;
 pub mod pool;

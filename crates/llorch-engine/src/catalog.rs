@@ -7,6 +7,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use llorch_api::models::MODEL_NAMES;
 use sha2::{Digest, Sha256};
 
 use crate::error::{EngineError, Result};
@@ -22,7 +23,6 @@ pub struct Part {
 
 pub struct KnownModel {
     pub name: &'static str,
-    pub aliases: &'static [&'static str],
     pub file: &'static str,
     pub sha256: &'static str,
     pub bytes: u64,
@@ -34,13 +34,12 @@ pub struct KnownModel {
     pub about: &'static str,
 }
 
-pub const DEFAULT_MODEL: &str = "smollm2-135m-instruct";
+pub use llorch_api::models::DEFAULT_MODEL;
 
 pub const MODELS: &[KnownModel] = &[
     KnownModel {
-        name: "smollm2-135m-instruct",
-        aliases: &["smollm2", "default"],
-        file: "SmolLM2-135M-Instruct.Q4_1.gguf",
+        name: MODEL_NAMES[0].name,
+        file: MODEL_NAMES[0].file,
         sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         bytes: 98_362_432,
         parts: &[Part {
@@ -53,9 +52,8 @@ pub const MODELS: &[KnownModel] = &[
         about: "default model: llama architecture, 135M, Q4_1, ChatML instruct",
     },
     KnownModel {
-        name: "qwen2.5-coder-0.5b-instruct",
-        aliases: &["qwen2.5-coder-0.5b", "qwen"],
-        file: "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        name: MODEL_NAMES[1].name,
+        file: MODEL_NAMES[1].file,
         sha256: "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         bytes: 491_400_064,
         parts: &[
@@ -95,9 +93,8 @@ pub const MODELS: &[KnownModel] = &[
         about: "benchmark model: qwen2 architecture, 0.5B, Q4_K_M",
     },
     KnownModel {
-        name: "gemma-3-270m",
-        aliases: &["gemma3"],
-        file: "gemma-3-270m-q4_k_m.gguf",
+        name: MODEL_NAMES[2].name,
+        file: MODEL_NAMES[2].file,
         sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         bytes: 253_113_024,
         parts: &[
@@ -142,11 +139,10 @@ pub fn models_dir() -> PathBuf {
     home.join(".cache/llorch/models")
 }
 
+/// The known model a name, alias, file name or model id refers to.
 pub fn find(name: &str) -> Option<&'static KnownModel> {
-    let n = name.to_ascii_lowercase();
-    MODELS.iter().find(|m| {
-        m.name == n || m.aliases.contains(&n.as_str()) || m.file.eq_ignore_ascii_case(name)
-    })
+    let known = llorch_api::models::find(name)?;
+    MODELS.iter().find(|m| m.name == known.name)
 }
 
 /// `--model` accepts a path or a known name; a known name resolves into the models dir.

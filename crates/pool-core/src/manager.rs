@@ -641,7 +641,7 @@ impl Manager {
         model.is_empty()
             || w.pool.model == model
             || w.model_id.as_deref() == Some(model)
-            || same_known_model(&w.pool.model, model)
+            || llorch_api::models::same_model(&w.pool.model, model)
     }
 
     /// The least-loaded ready worker serving `model` (any model when empty).
@@ -693,64 +693,5 @@ impl Manager {
         v.sort();
         v.dedup();
         v
-    }
-}
-
-/// Known-model aliases: a pool configured as "default" serves requests for
-/// "smollm2-135m-instruct" and the file name, and the other way round.
-fn same_known_model(a: &str, b: &str) -> bool {
-    let canon = |s: &str| {
-        let s = s.to_ascii_lowercase();
-        KNOWN
-            .iter()
-            .find(|(names, _)| names.contains(&s.as_str()))
-            .map(|(_, c)| *c)
-            .unwrap_or("")
-    };
-    let (x, y) = (canon(a), canon(b));
-    !x.is_empty() && x == y
-}
-
-const KNOWN: &[(&[&str], &str)] = &[
-    (
-        &[
-            "default",
-            "smollm2",
-            "smollm2-135m-instruct",
-            "smollm2-135m-instruct.q4_1",
-            "smollm2-135m-instruct.q4_1.gguf",
-        ],
-        "smollm2",
-    ),
-    (
-        &[
-            "qwen",
-            "qwen2.5-coder-0.5b",
-            "qwen2.5-coder-0.5b-instruct",
-            "qwen2.5-coder-0.5b-instruct-q4_k_m",
-            "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
-        ],
-        "qwen",
-    ),
-    (
-        &[
-            "gemma3",
-            "gemma-3-270m",
-            "gemma-3-270m-q4_k_m",
-            "gemma-3-270m-q4_k_m.gguf",
-        ],
-        "gemma",
-    ),
-];
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn aliases_match() {
-        assert!(same_known_model("default", "SmolLM2-135M-Instruct.Q4_1"));
-        assert!(!same_known_model("default", "qwen"));
-        assert!(!same_known_model("/m/a.gguf", "/m/a.gguf.x"));
     }
 }

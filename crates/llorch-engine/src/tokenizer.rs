@@ -438,9 +438,7 @@ impl Spm {
             .collect();
         specials.sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
         let special_ids = (0..pieces.len())
-            .map(|i| {
-                matches!(types.get(i), Some(&TYPE_CONTROL)) || matches!(types.get(i), Some(&6))
-            })
+            .map(|i| matches!(types.get(i), Some(&TYPE_CONTROL)))
             .collect();
         Self {
             pieces,

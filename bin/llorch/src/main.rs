@@ -110,6 +110,9 @@ enum Cmd {
         /// Also write the results as JSON here.
         #[arg(long)]
         output_json: Option<PathBuf>,
+        /// Time each phase of the forward pass (per layer op) and print where the time goes.
+        #[arg(long)]
+        profile: bool,
         #[command(flatten)]
         dev: DeviceArgs,
     },
@@ -218,16 +221,12 @@ fn main() -> Result<()> {
             tokens,
             prompt_tokens,
             output_json,
+            profile,
             dev,
-        } => bench(
-            &model,
-            &dev,
-            iterations,
-            warmup,
-            tokens,
-            prompt_tokens,
-            output_json.as_deref(),
-        )?,
+        } => {
+            llorch_engine::profile::enable(profile);
+            bench(&model, &dev, iterations, warmup, tokens, prompt_tokens, output_json.as_deref())?
+        }
         Cmd::Models { cmd } => models(cmd)?,
         Cmd::Synth {
             arch,
@@ -401,6 +400,24 @@ fn bench(
     let threads = std::env::var("CANDLE_NUM_THREADS")
         .ok()
         .and_then(|s| s.parse::<usize>().ok());
+    let prof = llorch_engine::profile::report();
+    let total: f64 = prof.iter().map(|p| p.1.as_secs_f64()).sum();
+    let generated = ((warmup + iterations) * tokens) as f64;
+    if !prof.is_empty() {
+        eprintln!("{:<26} {:>10} {:>8} {:>14}", "phase", "total ms", "share", "ms per token");
+        for (name, d, _) in &prof {
+            eprintln!(
+                "{name:<26} {:>10.1} {:>7.1}% {:>14.3}",
+                d.as_secs_f64() * 1e3,
+                100.0 * d.as_secs_f64() / total,
+                d.as_secs_f64() * 1e3 / generated
+            );
+        }
+    }
+    let profile_json: Vec<serde_json::Value> = prof
+        .iter()
+        .map(|(n, d, c)| serde_json::json!({"phase": n, "seconds": d.as_secs_f64(), "calls": c}))
+        .collect();
     let result = serde_json::json!({
         "machine": {
             "cpu": cpu_name(),
@@ -419,6 +436,7 @@ fn bench(
         "prefill_tokens_per_second": stats(&prefill),
         "decode_tokens_per_second": stats(&decode),
         "peak_rss_bytes": device::peak_rss_bytes(),
+        "profile": profile_json,
     });
     println!("{}", serde_json::to_string_pretty(&result)?);
     if let Some(p) = out {

@@ -443,6 +443,7 @@ impl Scheduler {
                 return;
             }
         };
+        let t = crate::profile::start();
         for (k, &(i, start, len)) in plan.iter().enumerate() {
             let s = &mut running[i];
             if start != usize::MAX {
@@ -453,6 +454,7 @@ impl Scheduler {
             }
             self.on_logits(s, &logits[k]);
         }
+        crate::profile::stop("sample_detokenize_stream", t);
     }
 
     fn on_logits(&self, s: &mut Seq, logits: &[f32]) {

@@ -17,6 +17,7 @@ use candle_nn::RmsNorm;
 use std::sync::Arc;
 
 use crate::error::Result;
+use crate::profile;
 
 /// Architecture quirks that differ inside the family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -315,7 +316,9 @@ impl FamilyModel {
         }
         let n = ids.len();
         let ids_t = Tensor::from_vec(ids, n, &self.device)?;
+        let t = profile::start();
         let mut x = self.embed(&ids_t)?; // [n, hidden]
+        profile::stop("embed", t);
         let mut tables: Vec<(f32, Tensor, Tensor)> = Vec::new();
         for layer in &self.layers {
             if !tables.iter().any(|(b, _, _)| *b == layer.rope_base) {
@@ -328,13 +331,18 @@ impl FamilyModel {
                 .iter()
                 .find(|(b, _, _)| *b == layer.rope_base)
                 .unwrap();
+            let t = profile::start();
             let h = layer.attn_norm.forward(&x)?;
+            profile::stop("attn_norm", t);
+            let t = profile::start();
             let q = layer.q.forward(&h)?.reshape((n, c.heads, 1, c.head_dim))?;
             let k = layer
                 .k
                 .forward(&h)?
                 .reshape((n, c.kv_heads, 1, c.head_dim))?;
             let v = layer.v.forward(&h)?.reshape((n, c.kv_heads, c.head_dim))?;
+            profile::stop("qkv_matmul", t);
+            let t = profile::start();
             let q = match &layer.q_norm {
                 Some(nrm) => nrm.forward(&q.contiguous()?)?,
                 None => q,
@@ -345,6 +353,8 @@ impl FamilyModel {
             };
             let q = self.rope(&q.contiguous()?, cos, sin)?.squeeze(2)?; // [n, heads, d]
             let k = self.rope(&k.contiguous()?, cos, sin)?.squeeze(2)?; // [n, kv, d]
+            profile::stop("qk_norm_rope", t);
+            let t = profile::start();
             let mut outs = Vec::with_capacity(items.len());
             for (it, &(start, len, p0)) in items.iter_mut().zip(spans.iter()) {
                 let qi = q.narrow(0, start, len)?.transpose(0, 1)?.contiguous()?; // [H, T, d]
@@ -358,18 +368,29 @@ impl FamilyModel {
             } else {
                 Tensor::cat(&outs, 0)?
             };
+            profile::stop("attention", t);
+            let t = profile::start();
             let mut a = layer.o.forward(&attn)?;
+            profile::stop("o_matmul", t);
             if let Some(nrm) = &layer.post_attn_norm {
                 a = nrm.forward(&a)?;
             }
             x = (x + a)?;
+            let t = profile::start();
             let h = layer.ffn_norm.forward(&x)?;
+            profile::stop("ffn_norm", t);
+            let t = profile::start();
             let g = layer.gate.forward(&h)?;
             let g = match c.activation {
                 Activation::Silu => candle_nn::ops::silu(&g)?,
                 Activation::GeluTanh => g.gelu()?,
             };
-            let mut m = layer.down.forward(&(g * layer.up.forward(&h)?)?)?;
+            let up = layer.up.forward(&h)?;
+            profile::stop("gate_up_matmul_act", t);
+            let t = profile::start();
+            let gu = (g * up)?;
+            let mut m = layer.down.forward(&gu)?;
+            profile::stop("mul_down_matmul", t);
             if let Some(nrm) = &layer.post_ffn_norm {
                 m = nrm.forward(&m)?;
             }
@@ -380,9 +401,12 @@ impl FamilyModel {
         }
         let last: Vec<u32> = spans.iter().map(|&(s, l, _)| (s + l - 1) as u32).collect();
         let last = Tensor::from_vec(last, spans.len(), &self.device)?;
+        let t = profile::start();
         let x = x.index_select(&last, 0)?;
         let x = self.norm.forward(&x)?;
-        Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
+        let out = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
+        profile::stop("lm_head", t);
+        Ok(out)
     }
 
     /// Attention of one sequence's `T` new queries (`[H, T, d]`) over its cache

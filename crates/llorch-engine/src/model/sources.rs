@@ -61,7 +61,7 @@ impl WeightSource for GgufSource<'_> {
             })?;
         self.done += 1;
         (self.progress)(self.done, self.total);
-        Ok(Arc::new(t))
+        Ok(Arc::new(requant(t)?))
     }
 
     fn vector(&mut self, name: &str, dtype: DType) -> Result<Tensor> {
@@ -75,6 +75,26 @@ impl WeightSource for GgufSource<'_> {
 
     fn dense(&mut self, _name: &str, _dtype: DType) -> Result<Option<Tensor>> {
         Ok(None)
+    }
+}
+
+/// `LLORCH_REQUANT=q8_0`: re-quantize Q4_0/Q4_1/Q5_0/Q5_1 matrices to Q8_0 at load.
+/// Candle's CPU kernels for those legacy types are scalar-ish (3-4 GB/s of weights here),
+/// while Q8_0 runs on its AVX-512 VNNI repacked path; the price is memory (8.5 bits per
+/// weight instead of 4.5-5.5) and a second rounding of every weight.
+fn requant(t: QTensor) -> Result<QTensor> {
+    use candle_core::quantized::GgmlDType as G;
+    let want = std::env::var("LLORCH_REQUANT").unwrap_or_default();
+    if want != "q8_0" {
+        return Ok(t);
+    }
+    match t.dtype() {
+        G::Q4_0 | G::Q4_1 | G::Q5_0 | G::Q5_1 if t.shape().dims().last().is_some_and(|k| k % 32 == 0) => {
+            let dev = t.device();
+            let f = t.dequantize(&dev)?;
+            Ok(QTensor::quantize(&f, G::Q8_0)?)
+        }
+        _ => Ok(t),
     }
 }
 

@@ -225,7 +225,15 @@ fn main() -> Result<()> {
             dev,
         } => {
             llorch_engine::profile::enable(profile);
-            bench(&model, &dev, iterations, warmup, tokens, prompt_tokens, output_json.as_deref())?
+            bench(
+                &model,
+                &dev,
+                iterations,
+                warmup,
+                tokens,
+                prompt_tokens,
+                output_json.as_deref(),
+            )?
         }
         Cmd::Models { cmd } => models(cmd)?,
         Cmd::Synth {
@@ -404,7 +412,10 @@ fn bench(
     let total: f64 = prof.iter().map(|p| p.1.as_secs_f64()).sum();
     let generated = ((warmup + iterations) * tokens) as f64;
     if !prof.is_empty() {
-        eprintln!("{:<26} {:>10} {:>8} {:>14}", "phase", "total ms", "share", "ms per token");
+        eprintln!(
+            "{:<26} {:>10} {:>8} {:>14}",
+            "phase", "total ms", "share", "ms per token"
+        );
         for (name, d, _) in &prof {
             eprintln!(
                 "{name:<26} {:>10.1} {:>7.1}% {:>14.3}",

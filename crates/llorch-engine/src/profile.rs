@@ -36,7 +36,12 @@ pub fn stop(phase: &'static str, t: Option<Instant>) {
 
 /// (phase, total time, calls), largest first.
 pub fn report() -> Vec<(&'static str, Duration, u64)> {
-    let mut v: Vec<_> = TABLE.lock().unwrap().iter().map(|(k, (d, n))| (*k, *d, *n)).collect();
-    v.sort_by(|a, b| b.1.cmp(&a.1));
+    let mut v: Vec<_> = TABLE
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, (d, n))| (*k, *d, *n))
+        .collect();
+    v.sort_by_key(|e| std::cmp::Reverse(e.1));
     v
 }

@@ -89,7 +89,9 @@ fn requant(t: QTensor) -> Result<QTensor> {
         return Ok(t);
     }
     match t.dtype() {
-        G::Q4_0 | G::Q4_1 | G::Q5_0 | G::Q5_1 if t.shape().dims().last().is_some_and(|k| k % 32 == 0) => {
+        G::Q4_0 | G::Q4_1 | G::Q5_0 | G::Q5_1
+            if t.shape().dims().last().is_some_and(|k| k % 32 == 0) =>
+        {
             let dev = t.device();
             let f = t.dequantize(&dev)?;
             Ok(QTensor::quantize(&f, G::Q8_0)?)

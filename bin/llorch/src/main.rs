@@ -116,6 +116,24 @@ enum Cmd {
         #[command(flatten)]
         dev: DeviceArgs,
     },
+    /// Numerics check: last-token logits of a fixed prompt and the greedy continuation,
+    /// as JSON, for comparing devices (CPU vs CUDA) on the same weights.
+    Check {
+        /// GGUF file, SafeTensors folder, or a known model name.
+        #[arg(long)]
+        model: String,
+        /// Prompt token ids, comma-separated (default: 1..=32 spread over the vocabulary).
+        #[arg(long)]
+        prompt_ids: Option<String>,
+        /// Greedy tokens to generate after the prompt.
+        #[arg(long, default_value_t = 32)]
+        tokens: usize,
+        /// Write the JSON here (default: stdout).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[command(flatten)]
+        dev: DeviceArgs,
+    },
     /// Fetch, list and inspect models.
     Models {
         #[command(subcommand)]
@@ -236,6 +254,13 @@ fn main() -> Result<()> {
             )?
         }
         Cmd::Models { cmd } => models(cmd)?,
+        Cmd::Check {
+            model,
+            prompt_ids,
+            tokens,
+            out,
+            dev,
+        } => check(&model, prompt_ids.as_deref(), tokens, out.as_deref(), &dev)?,
         Cmd::Synth {
             arch,
             preset,
@@ -452,6 +477,39 @@ fn bench(
     println!("{}", serde_json::to_string_pretty(&result)?);
     if let Some(p) = out {
         std::fs::write(p, serde_json::to_string_pretty(&result)?)?;
+    }
+    Ok(())
+}
+
+fn check(model: &str, ids: Option<&str>, tokens: usize, out: Option<&Path>, dev: &DeviceArgs) -> Result<()> {
+    device::set_cpu_threads(dev.threads);
+    let path = catalog::resolve(model)?;
+    let device = dev.backend().open()?;
+    let m = llorch_engine::load(&path, &device, &mut |_, _| {})?;
+    let vocab = m.info.vocab_size as u32;
+    let prompt: Vec<u32> = match ids {
+        Some(s) => s.split(',').map(|x| x.trim().parse::<u32>()).collect::<Result<_, _>>()?,
+        None => (1..=32u32).map(|i| (i * 7919) % vocab).collect(),
+    };
+    let mut net = m.network;
+    let mut seq = net.new_seq();
+    let t = Instant::now();
+    let logits: Vec<f32> = net.forward(&mut [(&mut seq, &prompt[..])])?.flatten_all()?.to_vec1()?;
+    let mut greedy = vec![];
+    let mut last = logits.clone();
+    for _ in 0..tokens {
+        let next = last.iter().enumerate().fold(0, |b, (j, &x)| if x > last[b] { j } else { b }) as u32;
+        greedy.push(next);
+        last = net.forward(&mut [(&mut seq, &[next][..])])?.flatten_all()?.to_vec1()?;
+    }
+    let v = serde_json::json!({
+        "model": path.display().to_string(), "device": dev.backend().label(),
+        "prompt_ids": prompt, "logits": logits, "greedy_ids": greedy,
+        "seconds": t.elapsed().as_secs_f64(),
+    });
+    match out {
+        Some(p) => std::fs::write(p, v.to_string())?,
+        None => println!("{v}"),
     }
     Ok(())
 }

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The whole GPU check in one run on the GPU machine (no network, no Rust, no models there).
+# Carry the CUDA builds as .devbin/llorch and .devbin/llorch-cuda (scripts/build-cuda.sh,
+# then copy); everything else is made here. Writes $OUT/log.txt and $OUT/summary.json.
+#   bash bench/gpu/run.sh
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
+exec > >(tee "$OUT/log.txt") 2>&1
+L=$PWD/.devbin/llorch; W=$PWD/.devbin/llorch-cuda; M=/tmp/llorch-gpu; mkdir -p $M
+export LLORCH_MODELS_DIR=$M RUST_LOG=warn
+step() { echo; echo "=== $* ($(date +%T))"; }
+step "machine"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'
+
+step "synthetic TinyLlama-1.1B shape: Q4_K_M GGUF and bf16 SafeTensors (seed 1)"
+$L synth --arch llama --preset tinyllama-1.1b --dtype q4_k_m --out $M/tinyllama-q4km.gguf --seed 1
+$L synth --arch llama --preset tinyllama-1.1b --dtype bf16 --out $M/tinyllama-bf16 --seed 1
+ls -la $M $M/tinyllama-bf16
+
+step "correctness: CUDA vs CPU logits and greedy tokens on the same weights"
+for f in tinyllama-q4km.gguf tinyllama-bf16; do
+  $L check --model $M/$f --tokens 16 --threads 16 --out $M/check-$f-cpu.json
+  $L check --model $M/$f --tokens 16 --cuda-device 0 --out $M/check-$f-cuda.json
+done
+
+step "speed: llorch bench on CUDA (512-token prompt, 128 tokens, warm-up 2, 5 runs)"
+for f in tinyllama-q4km.gguf tinyllama-bf16; do
+  $L bench --model $M/$f --cuda-device 0 --prompt-tokens 512 --tokens 128 --iterations 5 --warmup 2 \
+    --output-json $M/bench-$f.json >/dev/null
+done
+
+step "peer: PyTorch + transformers on the bf16 folder"
+python3 bench/gpu/torch_generate.py --model $M/tinyllama-bf16 --prompt-tokens 512 --tokens 128 > $M/torch.json
+cat $M/torch.json
+
+step "the limit: device copy bandwidth"
+python3 bench/gpu/bandwidth.py > $M/bandwidth.json
+cat $M/bandwidth.json
+
+step "the worker: llorch-cuda on the Q4_K_M file, concurrent streaming clients"
+$W --model $M/tinyllama-q4km.gguf --cuda-device 0 --port 8391 --max-batch 32 --max-queue 128 --ctx-size 2048 &
+WP=$!
+for i in $(seq 1 600); do curl -sf localhost:8391/health >/dev/null && break; sleep 0.5; done
+curl -s localhost:8391/info > $M/info.json; cat $M/info.json; echo
+python3 bench/load.py --url http://127.0.0.1:8391 --clients 1,8,32 --requests 2 --max-tokens 128 \
+  --label llorch-cuda | tee $M/load.jsonl
+curl -s localhost:8391/metrics > "$OUT/metrics.txt"
+grep -E '^llorch_(worker_info|generation_tokens_total|batch_size_(sum|count))' "$OUT/metrics.txt"
+kill $WP; wait $WP 2>/dev/null
+
+step "summary"
+python3 bench/gpu/summary.py $M "$OUT/summary.json"

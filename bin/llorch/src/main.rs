@@ -481,26 +481,44 @@ fn bench(
     Ok(())
 }
 
-fn check(model: &str, ids: Option<&str>, tokens: usize, out: Option<&Path>, dev: &DeviceArgs) -> Result<()> {
+fn check(
+    model: &str,
+    ids: Option<&str>,
+    tokens: usize,
+    out: Option<&Path>,
+    dev: &DeviceArgs,
+) -> Result<()> {
     device::set_cpu_threads(dev.threads);
     let path = catalog::resolve(model)?;
     let device = dev.backend().open()?;
     let m = llorch_engine::load(&path, &device, &mut |_, _| {})?;
     let vocab = m.info.vocab_size as u32;
     let prompt: Vec<u32> = match ids {
-        Some(s) => s.split(',').map(|x| x.trim().parse::<u32>()).collect::<Result<_, _>>()?,
+        Some(s) => s
+            .split(',')
+            .map(|x| x.trim().parse::<u32>())
+            .collect::<Result<_, _>>()?,
         None => (1..=32u32).map(|i| (i * 7919) % vocab).collect(),
     };
     let mut net = m.network;
     let mut seq = net.new_seq();
     let t = Instant::now();
-    let logits: Vec<f32> = net.forward(&mut [(&mut seq, &prompt[..])])?.flatten_all()?.to_vec1()?;
+    let logits: Vec<f32> = net
+        .forward(&mut [(&mut seq, &prompt[..])])?
+        .flatten_all()?
+        .to_vec1()?;
     let mut greedy = vec![];
     let mut last = logits.clone();
     for _ in 0..tokens {
-        let next = last.iter().enumerate().fold(0, |b, (j, &x)| if x > last[b] { j } else { b }) as u32;
+        let next = last
+            .iter()
+            .enumerate()
+            .fold(0, |b, (j, &x)| if x > last[b] { j } else { b }) as u32;
         greedy.push(next);
-        last = net.forward(&mut [(&mut seq, &[next][..])])?.flatten_all()?.to_vec1()?;
+        last = net
+            .forward(&mut [(&mut seq, &[next][..])])?
+            .flatten_all()?
+            .to_vec1()?;
     }
     let v = serde_json::json!({
         "model": path.display().to_string(), "device": dev.backend().label(),

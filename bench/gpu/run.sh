@@ -6,7 +6,13 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
 exec > >(tee "$OUT/log.txt") 2>&1
-L=$PWD/.devbin/llorch; W=$PWD/.devbin/llorch-cuda; M=/tmp/llorch-gpu; mkdir -p $M
+B=$PWD/.devbin
+if [ -f $B/llorch.xz ]; then   # carried compressed (the transfer limit is 64 MiB)
+  mkdir -p /tmp/llorch-bin
+  for b in llorch llorch-cuda; do xz -dc $B/$b.xz > /tmp/llorch-bin/$b && chmod +x /tmp/llorch-bin/$b; done
+  B=/tmp/llorch-bin
+fi
+L=$B/llorch; W=$B/llorch-cuda; M=/tmp/llorch-gpu; mkdir -p $M
 export LLORCH_MODELS_DIR=$M RUST_LOG=warn
 step() { echo; echo "=== $* ($(date +%T))"; }
 step "machine"

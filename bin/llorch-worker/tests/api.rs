@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use futures::StreamExt;
@@ -219,43 +219,20 @@ async fn a_client_that_disconnects_frees_the_engine() {
             r.bytes().await
         });
         // until it runs
-        let t = Instant::now();
-        loop {
-            let h: serde_json::Value = client()
-                .get(w.url("/health"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            if h["running"] == 1 {
-                break;
-            }
-            assert!(t.elapsed() < Duration::from_secs(30));
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        w.wait_running(
+            1,
+            Duration::from_secs(30),
+            "the request never started running",
+        )
+        .await;
         tokio::time::sleep(Duration::from_millis(200)).await;
         req.abort(); // drops the connection
-        let t = Instant::now();
-        loop {
-            let h: serde_json::Value = client()
-                .get(w.url("/health"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            if h["running"] == 0 {
-                break;
-            }
-            assert!(
-                t.elapsed() < Duration::from_secs(5),
-                "the engine kept generating for a gone client (stream={stream})"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        w.wait_running(
+            0,
+            Duration::from_secs(5),
+            "the engine kept generating for a gone client",
+        )
+        .await;
         let after = metric(
             &metrics(&w).await,
             "llorch_request_failure_total{reason=\"cancelled\"}",

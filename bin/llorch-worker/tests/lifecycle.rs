@@ -105,22 +105,12 @@ async fn sigterm_finishes_the_running_request_then_exits_0() {
         .await
     });
     // wait until it is running
-    let t = Instant::now();
-    loop {
-        let h: serde_json::Value = client()
-            .get(w.url("/health"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if h["running"] == 1 {
-            break;
-        }
-        assert!(t.elapsed() < Duration::from_secs(30));
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    w.wait_running(
+        1,
+        Duration::from_secs(30),
+        "the request never started running",
+    )
+    .await;
     w.signal(libc::SIGTERM);
     tokio::time::sleep(Duration::from_millis(100)).await;
     // draining: new work is refused with 503 and the JSON envelope

@@ -84,6 +84,30 @@ impl Worker {
         }
     }
 
+    /// Waits until `/health` reports `n` running requests; panics with `why` after `limit`.
+    pub async fn wait_running(&self, n: u64, limit: Duration, why: &str) {
+        let t = Instant::now();
+        loop {
+            let h: serde_json::Value = client()
+                .get(self.url("/health"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if h["running"] == n {
+                return;
+            }
+            assert!(
+                t.elapsed() < limit,
+                "{why}: running is {} after {limit:?}",
+                h["running"]
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }

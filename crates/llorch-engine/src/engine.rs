@@ -127,9 +127,8 @@ pub struct EngineStats {
     /// KV tokens reserved by running sequences.
     pub kv_reserved_tokens: AtomicUsize,
     pub kv_capacity_tokens: AtomicUsize,
-    /// Sum and count of batch sizes per step (for a histogram upstream).
+    /// Engine steps run (each one forward over the batch).
     pub steps: AtomicU64,
-    pub last_batch: AtomicUsize,
     pub batch_observer: std::sync::Mutex<Option<BatchObserver>>,
 }
 
@@ -406,7 +405,6 @@ impl Scheduler {
             obs(plan.len());
         }
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
-        self.stats.last_batch.store(plan.len(), Ordering::Relaxed);
         let logits = {
             let mut toks: Vec<Vec<u32>> = Vec::with_capacity(plan.len());
             for &(i, start, len) in &plan {

@@ -243,8 +243,8 @@ fn load_gguf(path: &Path, device: &Device, progress: Progress<'_>) -> Result<Loa
             .map(|t| t.shape.dims()[0])
             .unwrap_or(0);
         let total = g.content.tensor_infos.len();
-        let (g2, mut r2) = GgufFile::open(path)?;
-        let p = phi3::Phi3::load(g2.content, &mut r2, device)?;
+        // Candle's loader takes the parsed header by value: hand over ours (no re-read).
+        let p = phi3::Phi3::load(g.content, &mut reader, device)?;
         progress(total, total);
         (Network::Phi3(p), ctx, vocab)
     } else {

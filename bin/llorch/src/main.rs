@@ -131,6 +131,10 @@ enum Cmd {
         /// Write the JSON here (default: stdout).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Dequantize GGUF weights at load (dense f32 matmuls, no activation quantization):
+        /// the exact-product reference for the quantized kernels.
+        #[arg(long)]
+        dequantize: bool,
         #[command(flatten)]
         dev: DeviceArgs,
     },
@@ -259,8 +263,12 @@ fn main() -> Result<()> {
             prompt_ids,
             tokens,
             out,
+            dequantize,
             dev,
-        } => check(&model, prompt_ids.as_deref(), tokens, out.as_deref(), &dev)?,
+        } => {
+            llorch_engine::model::set_dequantize(dequantize);
+            check(&model, prompt_ids.as_deref(), tokens, out.as_deref(), &dev)?
+        }
         Cmd::Synth {
             arch,
             preset,
@@ -500,6 +508,7 @@ fn check(
             .collect::<Result<_, _>>()?,
         None => (1..=32u32).map(|i| (i * 7919) % vocab).collect(),
     };
+    let dequantized = path.is_file() && llorch_engine::model::dequantize_enabled();
     let mut net = m.network;
     let mut seq = net.new_seq();
     let t = Instant::now();
@@ -522,7 +531,7 @@ fn check(
     }
     let v = serde_json::json!({
         "model": path.display().to_string(), "device": dev.backend().label(),
-        "prompt_ids": prompt, "logits": logits, "greedy_ids": greedy,
+        "dequantized": dequantized, "prompt_ids": prompt, "logits": logits, "greedy_ids": greedy,
         "seconds": t.elapsed().as_secs_f64(),
     });
     match out {

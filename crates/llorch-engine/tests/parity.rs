@@ -87,17 +87,17 @@ fn ids(v: &Value) -> Vec<u32> {
 /// Greedy continuations against llama.cpp's, two ways:
 /// 1. teacher-forced: fed llama.cpp's own tokens, at every one of the 32 positions our
 ///    argmax is llama.cpp's token, or llama.cpp's token is within NEAR_TIE of ours;
+///    and over all prompts at least 90% of positions agree exactly;
 /// 2. free-running: our greedy tokens equal llama.cpp's for at least the first 16 of every
-///    prompt, unless the two part at a near-tie (checked here). Two of the five do
-///    ("def add(a, b):\n    return" at token 12: 27.99 vs 28.12; "Water boils at a
-///    temperature of" at token 9); see reference/README.md.
+///    prompt, unless the two part at a near-tie (checked here). Which prompts part moves
+///    with float summation order; see reference/README.md.
 #[test]
 fn greedy_tokens_match_llama_cpp_on_the_default_model() {
     let g = golden("golden_greedy.json");
     let m = &g["models"][catalog::DEFAULT_MODEL];
     let e = common::engine(&common::default_model(), 1);
     let mut net = common::load(&common::default_model()).network;
-    let mut full_matches = 0;
+    let (mut positions, mut disagreements) = (0, 0);
     for c in m["cases"].as_array().unwrap() {
         let text = c["prompt"].as_str().unwrap();
         let prompt = ids(&c["prompt_ids"]);
@@ -131,6 +131,7 @@ fn greedy_tokens_match_llama_cpp_on_the_default_model() {
                 );
                 ties.push(i);
             }
+            positions += 1;
             feed = vec![w];
         }
         // 2. free-running
@@ -154,9 +155,8 @@ fn greedy_tokens_match_llama_cpp_on_the_default_model() {
             "{text:?}: {same}/{} greedy tokens equal; near-ties at {ties:?}",
             want.len()
         );
-        if same >= 16.min(want.len()) {
-            full_matches += 1;
-        } else {
+        disagreements += ties.len();
+        if same < 16.min(want.len()) {
             // the only accepted reason to part early: a near-tie where we parted, shown by
             // the same position failing the exact test when fed llama.cpp's prefix
             let mut s = net.new_seq();
@@ -177,7 +177,7 @@ fn greedy_tokens_match_llama_cpp_on_the_default_model() {
         }
     }
     assert!(
-        full_matches >= 3,
-        "most prompts must match llama.cpp on 16+ tokens; {full_matches} of 5 did"
+        disagreements * 10 <= positions,
+        "teacher-forced, {disagreements} of {positions} positions pick another token than llama.cpp"
     );
 }

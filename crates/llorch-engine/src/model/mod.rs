@@ -4,9 +4,11 @@
 
 pub mod family;
 mod phi3;
+pub mod qcpu;
 mod sources;
 
 pub use sources::hf_name as sources_hf_name;
+pub use sources::{dequantize_enabled, set_dequantize};
 
 use std::path::{Path, PathBuf};
 

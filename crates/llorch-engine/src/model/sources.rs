@@ -4,6 +4,7 @@
 use std::fs::File;
 use std::io::BufReader;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use candle_core::quantized::QTensor;
@@ -73,9 +74,27 @@ impl WeightSource for GgufSource<'_> {
         self.g.content.tensor_infos.contains_key(name)
     }
 
-    fn dense(&mut self, _name: &str, _dtype: DType) -> Result<Option<Tensor>> {
-        Ok(None)
+    fn dense(&mut self, name: &str, dtype: DType) -> Result<Option<Tensor>> {
+        if !DEQUANTIZE.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        let q = self.matrix(name)?;
+        Ok(Some(q.dequantize(&self.device)?.to_dtype(dtype)?))
     }
+}
+
+static DEQUANTIZE: AtomicBool = AtomicBool::new(false);
+
+/// Load GGUF matrices dequantized (dense, in the compute dtype) instead of quantized.
+/// A numerics aid for `llorch check --dequantize`: the same weights without activation
+/// quantization in the matmuls, so two devices can be compared on identical math and
+/// each quantized kernel against the exact product. Costs 4 bytes per weight in f32.
+pub fn set_dequantize(on: bool) {
+    DEQUANTIZE.store(on, Ordering::Relaxed);
+}
+
+pub fn dequantize_enabled() -> bool {
+    DEQUANTIZE.load(Ordering::Relaxed)
 }
 
 /// `LLORCH_REQUANT=q8_0`: re-quantize Q4_0/Q4_1/Q5_0/Q5_1 matrices to Q8_0 at load.

@@ -18,4 +18,4 @@ if ! command -v nvcc >/dev/null; then
 fi
 export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
 cargo build --release -p llorch-worker -p llorch --features cuda --bins
-ls -la target/release/llorch-cuda target/release/llorch
+ls -la "${CARGO_TARGET_DIR:-target}"/release/llorch-cuda "${CARGO_TARGET_DIR:-target}"/release/llorch

@@ -25,9 +25,26 @@ $L synth --arch llama --preset tinyllama-1.1b --dtype bf16 --out $M/tinyllama-bf
 ls -la $M $M/tinyllama-bf16
 
 step "correctness: CUDA vs CPU logits and greedy tokens on the same weights"
+# bf16: the same forward on both devices. Q4_K_M: once with the quantized kernels (each
+# device quantizes activations its own way: CUDA q8_1 per 32 values, CPU q8_K per 256) and
+# once dequantized (--dequantize: dense f32 matmuls, the exact product of the same weights),
+# which checks our CUDA forward against the CPU one on identical math and gives each
+# device's quantized kernel its error against the exact result.
 for f in tinyllama-q4km.gguf tinyllama-bf16; do
   $L check --model $M/$f --tokens 16 --threads 16 --out $M/check-$f-cpu.json
   $L check --model $M/$f --tokens 16 --cuda-device 0 --out $M/check-$f-cuda.json
+done
+$L check --model $M/tinyllama-q4km.gguf --dequantize --tokens 16 --threads 16 --out $M/check-q4km-dequant-cpu.json
+$L check --model $M/tinyllama-q4km.gguf --dequantize --tokens 16 --cuda-device 0 --out $M/check-q4km-dequant-cuda.json
+# Which quantized path carries the error: a 1-token prompt runs every matmul through the
+# matrix-vector kernels (CUDA mmvq), 32 tokens through the matrix-matrix ones (CUDA mmq).
+for p in 1 32; do
+  ids=$(seq -s, 101 $((100 + p)))
+  for d in "--threads 16" "--cuda-device 0"; do
+    tag=$(echo $d | cut -c3-6)
+    $L check --model $M/tinyllama-q4km.gguf --prompt-ids $ids --tokens 0 $d --out $M/iso-q-$tag-$p.json
+    $L check --model $M/tinyllama-q4km.gguf --prompt-ids $ids --tokens 0 --dequantize $d --out $M/iso-f-$tag-$p.json
+  done
 done
 
 step "speed: llorch bench on CUDA (512-token prompt, 128 tokens, warm-up 2, 5 runs)"
@@ -35,6 +52,10 @@ for f in tinyllama-q4km.gguf tinyllama-bf16; do
   $L bench --model $M/$f --cuda-device 0 --prompt-tokens 512 --tokens 128 --iterations 5 --warmup 2 \
     --output-json $M/bench-$f.json >/dev/null
 done
+
+step "where decode time goes: host time per phase (CUDA runs asynchronously, so this is launch cost)"
+$L bench --model $M/tinyllama-q4km.gguf --cuda-device 0 --prompt-tokens 16 --tokens 128 --iterations 2 --warmup 1 \
+  --profile --output-json $M/profile-q4km.json 2>&1 | grep -A20 '^phase'
 
 step "peer: PyTorch + transformers on the bf16 folder"
 python3 bench/gpu/torch_generate.py --model $M/tinyllama-bf16 --prompt-tokens 512 --tokens 128 > $M/torch.json
@@ -49,7 +70,7 @@ $W --model $M/tinyllama-q4km.gguf --cuda-device 0 --port 8391 --max-batch 32 --m
 WP=$!
 for i in $(seq 1 600); do curl -sf localhost:8391/health >/dev/null && break; sleep 0.5; done
 curl -s localhost:8391/info > $M/info.json; cat $M/info.json; echo
-python3 bench/load.py --url http://127.0.0.1:8391 --clients 1,8,32 --requests 2 --max-tokens 128 \
+python3 bench/load.py --url http://127.0.0.1:8391 --clients 1,4,8,16,32 --requests 2 --max-tokens 128 \
   --label llorch-cuda | tee $M/load.jsonl
 curl -s localhost:8391/metrics > "$OUT/metrics.txt"
 grep -E '^llorch_(worker_info|generation_tokens_total|batch_size_(sum|count))' "$OUT/metrics.txt"
@@ -57,3 +78,5 @@ kill $WP; wait $WP 2>/dev/null
 
 step "summary"
 python3 bench/gpu/summary.py $M "$OUT/summary.json"
+cp $M/load.jsonl $M/info.json "$OUT/" 2>/dev/null
+(cd $M && tar czf "$OUT/raw.tar.gz" *.json *.jsonl)

@@ -6,17 +6,71 @@ M, out = sys.argv[1], sys.argv[2]
 J = lambda f: json.load(open(os.path.join(M, f)))
 s = {"correctness": {}, "speed": {}, "worker": []}
 TOL = {"tinyllama-q4km.gguf": 3e-2, "tinyllama-bf16": 3e-2}
-for f, tol in TOL.items():
-    c, g = J(f"check-{f}-cpu.json"), J(f"check-{f}-cuda.json")
-    a, b = c["logits"], g["logits"]
-    rel = math.sqrt(sum((x - y) ** 2 for x, y in zip(a, b)) / max(1e-30, sum(x * x for x in a)))
-    same = 0
-    for x, y in zip(c["greedy_ids"], g["greedy_ids"]):
+
+
+def rel_l2(a, b):
+    """|a - b| / |b| over the last-token logits."""
+    return math.sqrt(sum((x - y) ** 2 for x, y in zip(a, b)) / max(1e-30, sum(y * y for y in b)))
+
+
+def prefix(a, b):
+    n = 0
+    for x, y in zip(a, b):
         if x != y:
             break
-        same += 1
-    s["correctness"][f] = {"rel_l2": rel, "max_abs": max(abs(x - y) for x, y in zip(a, b)), "tolerance": tol,
-                           "pass": rel < tol, "greedy_equal_prefix": same, "greedy_n": len(c["greedy_ids"])}
+        n += 1
+    return n
+
+
+def compare(cpu, cuda, tol):
+    """Logits within `tol` (relative L2), and greedy tokens equal until they part at a
+    near-tie: the CPU's top-1/top-2 gap at the parting step is under twice the largest
+    logit difference the two devices showed on the prompt (their numerical noise)."""
+    c, g = J(cpu), J(cuda)
+    rel = rel_l2(g["logits"], c["logits"])
+    max_abs = max(abs(x - y) for x, y in zip(c["logits"], g["logits"]))
+    n = len(c["greedy_ids"])
+    same = prefix(c["greedy_ids"], g["greedy_ids"])
+    margin = c["greedy_margins"][same] if same < n else None
+    near_tie = margin is not None and margin < 2 * max_abs
+    return {"rel_l2": rel, "max_abs": max_abs, "tolerance": tol, "greedy_equal_prefix": same,
+            "greedy_n": n, "cpu_margin_at_split": margin, "split_is_near_tie": near_tie,
+            "pass": rel < tol and (same == n or near_tie)}
+
+
+# bf16: the same math on both devices up to bf16 rounding of activations.
+s["correctness"]["tinyllama-bf16"] = compare("check-tinyllama-bf16-cpu.json", "check-tinyllama-bf16-cuda.json", 3e-2)
+# Q4_K_M dequantized: f32 weights and f32 activations on both devices, so our CUDA forward
+# must equal the CPU one to f32 rounding (1e-3), every greedy token included.
+s["correctness"]["tinyllama-q4km-dequantized"] = compare(
+    "check-q4km-dequant-cpu.json", "check-q4km-dequant-cuda.json", 1e-3)
+# Q4_K_M quantized kernels: each device quantizes activations to 8 bits its own way
+# (CUDA q8_1 per 32 values, CPU q8_K per 256), so the two differ from each other by about
+# the error each has against the exact product. Stated tolerance: CUDA's error against
+# the exact (dequantized) result on the same device is at most 1.5x the CPU kernel's.
+ref_cpu, ref_cuda = J("check-q4km-dequant-cpu.json"), J("check-q4km-dequant-cuda.json")
+q_cpu, q_cuda = J("check-tinyllama-q4km.gguf-cpu.json"), J("check-tinyllama-q4km.gguf-cuda.json")
+err_cpu = rel_l2(q_cpu["logits"], ref_cpu["logits"])
+err_cuda = rel_l2(q_cuda["logits"], ref_cuda["logits"])
+s["correctness"]["tinyllama-q4km.gguf"] = {
+    "rel_l2_cuda_vs_cpu": rel_l2(q_cuda["logits"], q_cpu["logits"]),
+    "cpu_kernel_error_vs_exact": err_cpu, "cuda_kernel_error_vs_exact": err_cuda,
+    "tolerance": "cuda_kernel_error_vs_exact <= 1.5 * cpu_kernel_error_vs_exact",
+    "greedy_equal_prefix_cuda_vs_cpu": prefix(q_cpu["greedy_ids"], q_cuda["greedy_ids"]),
+    "greedy_equal_prefix_cpu_vs_exact": prefix(ref_cpu["greedy_ids"], q_cpu["greedy_ids"]),
+    "greedy_equal_prefix_cuda_vs_exact": prefix(ref_cuda["greedy_ids"], q_cuda["greedy_ids"]),
+    "greedy_n": len(q_cpu["greedy_ids"]),
+    "pass": err_cuda <= 1.5 * err_cpu,
+}
+# The same split by kernel path: 1-token prompt (matrix-vector kernels) vs 32 tokens.
+iso = {}
+for p in (1, 32):
+    e = {}
+    for tag in ("thre", "cuda"):
+        e[tag] = rel_l2(J(f"iso-q-{tag}-{p}.json")["logits"], J(f"iso-f-{tag}-{p}.json")["logits"])
+    iso[f"prompt_{p}"] = {"cpu_kernel_error_vs_exact": e["thre"], "cuda_kernel_error_vs_exact": e["cuda"],
+                          "ratio": e["cuda"] / max(1e-30, e["thre"])}
+s["correctness"]["q4km_error_by_kernel_path"] = iso
 bw = J("bandwidth.json")["bytes_per_second"]
 q4 = os.path.getsize(os.path.join(M, "tinyllama-q4km.gguf"))
 for f in TOL:

@@ -517,12 +517,21 @@ fn check(
         .flatten_all()?
         .to_vec1()?;
     let mut greedy = vec![];
+    // top-1 minus top-2 logit at each greedy step: where two devices part, this tells a
+    // near-tie (a gap inside the numerical noise) from a real disagreement
+    let mut margins = vec![];
     let mut last = logits.clone();
     for _ in 0..tokens {
         let next = last
             .iter()
             .enumerate()
             .fold(0, |b, (j, &x)| if x > last[b] { j } else { b }) as u32;
+        let second = last
+            .iter()
+            .enumerate()
+            .filter(|&(j, _)| j != next as usize)
+            .fold(f32::NEG_INFINITY, |m, (_, &x)| m.max(x));
+        margins.push(last[next as usize] - second);
         greedy.push(next);
         last = net
             .forward(&mut [(&mut seq, &[next][..])])?
@@ -532,6 +541,7 @@ fn check(
     let v = serde_json::json!({
         "model": path.display().to_string(), "device": dev.backend().label(),
         "dequantized": dequantized, "prompt_ids": prompt, "logits": logits, "greedy_ids": greedy,
+        "greedy_margins": margins,
         "seconds": t.elapsed().as_secs_f64(),
     });
     match out {

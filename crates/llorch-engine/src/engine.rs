@@ -176,6 +176,20 @@ impl Engine {
         let per_token = network.kv_bytes_per_token().max(1) as u64;
         // Room for at least one full-context sequence, whatever the budget says.
         let capacity = ((cfg.kv_budget_bytes / per_token) as usize).max(cfg.context_length);
+        if network.is_cuda() {
+            // On a GPU, per-sequence caches make batched decode launch-bound; pool them.
+            // As many full-context slots as the KV budget holds, at most one per batch row;
+            // sequences beyond the slots get caches of their own.
+            let slot_bytes = per_token * cfg.context_length as u64;
+            let slots =
+                ((cfg.kv_budget_bytes / slot_bytes.max(1)) as usize).clamp(1, cfg.max_batch);
+            network.enable_kv_pool(slots, cfg.context_length)?;
+            tracing::info!(
+                slots,
+                positions = cfg.context_length,
+                "KV pool on the device"
+            );
+        }
         let stats = Arc::new(EngineStats::default());
         stats.kv_capacity_tokens.store(capacity, Ordering::Relaxed);
         let template = match &tokenizer.chat_template {

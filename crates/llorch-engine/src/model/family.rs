@@ -263,6 +263,51 @@ enum Embedding {
 pub struct SeqCache {
     layers: Vec<KvCache>,
     len: usize,
+    /// Set when the cache lives in the model's [`KvPool`] (then `layers` is empty).
+    slot: Option<Slot>,
+}
+
+/// A sequence's claim on one row of the [`KvPool`]; given back when the sequence ends.
+struct Slot {
+    idx: usize,
+    free: Arc<Mutex<Vec<usize>>>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut f = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        f.push(self.idx);
+        // lowest first: running sequences stay packed at the front of the pool
+        f.sort_unstable_by(|a, b| b.cmp(a));
+    }
+}
+
+/// Preallocated KV caches for up to `slots` sequences of `cap` positions, per layer
+/// `[slots, kv_heads, cap, head_dim]`, on the device. Why: with per-sequence caches a decode
+/// step launches ~7 operations per sequence per layer for attention, which on a GPU costs
+/// more than the math (launch-bound). With every cache in one tensor, a decode step over
+/// any number of sequences is one scatter write of the new keys/values and one masked
+/// attention per layer.
+struct KvPool {
+    slots: usize,
+    cap: usize,
+    k: Vec<Tensor>,
+    v: Vec<Tensor>,
+    free: Arc<Mutex<Vec<usize>>>,
+}
+
+/// Per-step tensors for the pooled decode path, shared by all layers.
+struct PooledStep {
+    /// Rows of the attention batch: `0..rows`, the highest slot in use plus one.
+    rows: usize,
+    /// Longest cache in the step (attention runs over `0..lmax`).
+    lmax: usize,
+    /// Each item's slot, `[n]` u32.
+    slot_ids: Tensor,
+    /// Row in the `[slots * kv * cap, d]` view of the pool for each new key/value row.
+    scatter: Tensor,
+    /// Additive masks `[rows, 1, 1, lmax]` per window kind: (window, mask).
+    masks: Vec<(Option<usize>, Tensor)>,
 }
 
 impl SeqCache {
@@ -289,6 +334,7 @@ pub struct FamilyModel {
     device: Device,
     dtype: DType,
     rope: Mutex<Vec<RopeTable>>,
+    pool: Option<KvPool>,
 }
 
 /// Grow KV caches in chunks of this many positions (allocation amortised, memory bounded).
@@ -417,6 +463,7 @@ impl FamilyModel {
             device: device.clone(),
             dtype,
             rope: Mutex::new(Vec::new()),
+            pool: None,
         })
     }
 
@@ -425,12 +472,174 @@ impl FamilyModel {
     }
 
     pub fn new_cache(&self) -> SeqCache {
+        if let Some(p) = &self.pool {
+            let idx = p.free.lock().unwrap_or_else(|e| e.into_inner()).pop();
+            if let Some(idx) = idx {
+                return SeqCache {
+                    layers: vec![],
+                    len: 0,
+                    slot: Some(Slot {
+                        idx,
+                        free: p.free.clone(),
+                    }),
+                };
+            }
+        }
+        // no pool, or all slots taken: a growable cache of its own (correct, slower on GPU)
         SeqCache {
             layers: (0..self.cfg.layers)
                 .map(|_| KvCache::new(1, KV_CHUNK))
                 .collect(),
             len: 0,
+            slot: None,
         }
+    }
+
+    /// Preallocates a [`KvPool`] of `slots` sequences × `cap` positions. Sequences created
+    /// afterwards take a slot while one is free. Costs `slots * cap * kv_bytes_per_token`.
+    pub fn enable_kv_pool(&mut self, slots: usize, cap: usize) -> Result<()> {
+        let c = &self.cfg;
+        let shape = (slots, c.kv_heads, cap, c.head_dim);
+        let mut k = Vec::with_capacity(c.layers);
+        let mut v = Vec::with_capacity(c.layers);
+        for _ in 0..c.layers {
+            k.push(Tensor::zeros(shape, self.dtype, &self.device)?);
+            v.push(Tensor::zeros(shape, self.dtype, &self.device)?);
+        }
+        self.pool = Some(KvPool {
+            slots,
+            cap,
+            k,
+            v,
+            free: Arc::new(Mutex::new((0..slots).rev().collect())),
+        });
+        Ok(())
+    }
+
+    /// Appends one sequence's new keys/values (`[KV, T, d]`) at `p0` and returns its whole
+    /// cache (`[KV, p0 + T, d]`, a view).
+    fn append(
+        &self,
+        cache: &mut SeqCache,
+        li: usize,
+        p0: usize,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        match (&cache.slot, &self.pool) {
+            (Some(slot), Some(p)) => {
+                let t = k.dim(1)?;
+                if p0 + t > p.cap {
+                    return Err(crate::error::EngineError::Device(format!(
+                        "sequence of {} positions exceeds the KV pool's {}",
+                        p0 + t,
+                        p.cap
+                    )));
+                }
+                let mut out = Vec::with_capacity(2);
+                for (pool, x) in [(&p.k[li], k), (&p.v[li], v)] {
+                    let row = pool.narrow(0, slot.idx, 1)?;
+                    row.slice_set(&x.unsqueeze(0)?.contiguous()?, 2, p0)?;
+                    out.push(row.squeeze(0)?.narrow(1, 0, p0 + t)?);
+                }
+                let v = out.pop().unwrap();
+                Ok((out.pop().unwrap(), v))
+            }
+            _ => Ok(cache.layers[li].append(k, v)?),
+        }
+    }
+
+    /// The pooled decode path applies when every item feeds one token from a pool slot.
+    fn pooled_step(&self, items: &[BatchItem<'_>]) -> Result<Option<PooledStep>> {
+        let Some(p) = &self.pool else {
+            return Ok(None);
+        };
+        if items.len() < 2 && !self.device.is_cuda() {
+            return Ok(None);
+        }
+        let mut slots = Vec::with_capacity(items.len());
+        for it in items {
+            match &it.cache.slot {
+                Some(s) if it.tokens.len() == 1 && it.cache.len < p.cap => {
+                    slots.push((s.idx, it.cache.len))
+                }
+                _ => return Ok(None),
+            }
+        }
+        let c = &self.cfg;
+        let rows = slots.iter().map(|&(s, _)| s + 1).max().unwrap_or(1);
+        let lmax = slots.iter().map(|&(_, pos)| pos + 1).max().unwrap_or(1);
+        let n = slots.len();
+        let mut scatter = Vec::with_capacity(n * c.kv_heads * c.head_dim);
+        for &(s, pos) in &slots {
+            for h in 0..c.kv_heads {
+                let r = ((s * c.kv_heads + h) * p.cap + pos) as u32;
+                scatter.extend(std::iter::repeat_n(r, c.head_dim));
+            }
+        }
+        let scatter = Tensor::from_vec(scatter, (n * c.kv_heads, c.head_dim), &self.device)?;
+        let ids: Vec<u32> = slots.iter().map(|&(s, _)| s as u32).collect();
+        let slot_ids = Tensor::from_vec(ids, n, &self.device)?;
+        let mut masks = Vec::new();
+        for layer in &self.layers {
+            if masks.iter().any(|(w, _)| *w == layer.window) {
+                continue;
+            }
+            // rows without a sequence see position 0 only (finite softmax, result unused)
+            let mut m = vec![f32::NEG_INFINITY; rows * lmax];
+            for r in 0..rows {
+                m[r * lmax] = 0.0;
+            }
+            for &(s, pos) in &slots {
+                for j in 0..=pos {
+                    let visible = layer.window.is_none_or(|w| pos - j < w);
+                    m[s * lmax + j] = if visible { 0.0 } else { f32::NEG_INFINITY };
+                }
+            }
+            let m = Tensor::from_vec(m, (rows, 1, 1, lmax), &self.device)?;
+            masks.push((layer.window, m));
+        }
+        Ok(Some(PooledStep {
+            rows,
+            lmax,
+            slot_ids,
+            scatter,
+            masks,
+        }))
+    }
+
+    /// Decode attention for all items at once over the pool (see [`KvPool`]).
+    fn pooled_attention(
+        &self,
+        st: &PooledStep,
+        li: usize,
+        window: Option<usize>,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<Tensor> {
+        let c = &self.cfg;
+        let p = self.pool.as_ref().expect("pooled step without a pool");
+        let n = q.dim(0)?;
+        let flat = (p.slots * c.kv_heads * p.cap, c.head_dim);
+        for (pool, x) in [(&p.k[li], k), (&p.v[li], v)] {
+            let x = x.contiguous()?.reshape((n * c.kv_heads, c.head_dim))?;
+            pool.reshape(flat)?.scatter_set(&st.scatter, &x, 0)?;
+        }
+        let g = c.heads / c.kv_heads;
+        // queries placed at their slot's row: the pool needs no gather
+        let q = q.reshape((n, c.heads * c.head_dim))?;
+        let qs = Tensor::zeros((st.rows, c.heads * c.head_dim), q.dtype(), &self.device)?
+            .index_add(&st.slot_ids, &q, 0)?
+            .reshape((st.rows, c.kv_heads, g, c.head_dim))?;
+        let kk = p.k[li].narrow(0, 0, st.rows)?.narrow(2, 0, st.lmax)?;
+        let vv = p.v[li].narrow(0, 0, st.rows)?.narrow(2, 0, st.lmax)?;
+        let scale = 1.0 / (c.head_dim as f64).sqrt();
+        let sc = (qs.matmul(&kk.t()?)? * scale)?.to_dtype(DType::F32)?; // [rows, KV, G, lmax]
+        let mask = &st.masks.iter().find(|(w, _)| *w == window).unwrap().1;
+        let pr = candle_nn::ops::softmax_last_dim(&sc.broadcast_add(mask)?)?.to_dtype(v.dtype())?;
+        let o = pr.matmul(&vv)?.reshape((st.rows, c.heads * c.head_dim))?;
+        Ok(o.index_select(&st.slot_ids, 0)?)
     }
 
     /// Bytes of KV cache one token of context costs.
@@ -526,6 +735,7 @@ impl FamilyModel {
             spans.push((start, it.tokens.len(), p0));
         }
         let n = ids.len();
+        let pooled = self.pooled_step(items)?;
         let ids_t = Tensor::from_vec(ids, n, &self.device)?;
         let t = profile::start();
         let mut x = self.embed(&ids_t)?; // [n, hidden]
@@ -564,12 +774,18 @@ impl FamilyModel {
             let k = self.rope(&k.contiguous()?, cos, sin)?.squeeze(2)?; // [n, kv, d]
             profile::stop("qk_norm_rope", t);
             let t = profile::start();
+            if let Some(st) = &pooled {
+                let attn = self.pooled_attention(st, li, layer.window, &q, &k, &v)?;
+                profile::stop("attention", t);
+                x = self.layer_rest(layer, x, &attn)?;
+                continue;
+            }
             let mut outs = Vec::with_capacity(items.len());
             for (it, &(start, len, p0)) in items.iter_mut().zip(spans.iter()) {
                 let qi = q.narrow(0, start, len)?.transpose(0, 1)?.contiguous()?; // [H, T, d]
                 let ki = k.narrow(0, start, len)?.transpose(0, 1)?.contiguous()?; // [KV, T, d]
                 let vi = v.narrow(0, start, len)?.transpose(0, 1)?.contiguous()?;
-                let (kc, vc) = it.cache.layers[li].append(&ki, &vi)?; // [KV, L, d]
+                let (kc, vc) = self.append(it.cache, li, p0, &ki, &vi)?; // [KV, L, d]
                 outs.push(self.attention(&qi, &kc, &vc, p0, layer.window)?);
             }
             let attn = if outs.len() == 1 {
@@ -578,32 +794,7 @@ impl FamilyModel {
                 Tensor::cat(&outs, 0)?
             };
             profile::stop("attention", t);
-            let t = profile::start();
-            let mut a = layer.o.forward(&attn)?;
-            profile::stop("o_matmul", t);
-            if let Some(nrm) = &layer.post_attn_norm {
-                a = nrm.forward(&a)?;
-            }
-            x = (x + a)?;
-            let t = profile::start();
-            let h = layer.ffn_norm.forward(&x)?;
-            profile::stop("ffn_norm", t);
-            let t = profile::start();
-            let gu = layer.gate_up.forward(&h)?;
-            let g = match c.activation {
-                Activation::Silu => candle_nn::ops::silu(&gu[0])?,
-                Activation::GeluTanh => gu[0].gelu()?,
-            };
-            let up = &gu[1];
-            profile::stop("gate_up_matmul_act", t);
-            let t = profile::start();
-            let gu = (g * up)?;
-            let mut m = layer.down.forward(&gu)?;
-            profile::stop("mul_down_matmul", t);
-            if let Some(nrm) = &layer.post_ffn_norm {
-                m = nrm.forward(&m)?;
-            }
-            x = (x + m)?;
+            x = self.layer_rest(layer, x, &attn)?;
         }
         for (it, &(_, len, _)) in items.iter_mut().zip(spans.iter()) {
             it.cache.len += len;
@@ -620,6 +811,36 @@ impl FamilyModel {
         let out = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
         profile::stop("lm_head", t);
         Ok(out)
+    }
+
+    /// The rest of a layer after attention: output projection, residual, MLP, residual.
+    fn layer_rest(&self, layer: &Layer, x: Tensor, attn: &Tensor) -> Result<Tensor> {
+        let c = &self.cfg;
+        let t = profile::start();
+        let mut a = layer.o.forward(attn)?;
+        profile::stop("o_matmul", t);
+        if let Some(nrm) = &layer.post_attn_norm {
+            a = nrm.forward(&a)?;
+        }
+        let x = (x + a)?;
+        let t = profile::start();
+        let h = layer.ffn_norm.forward(&x)?;
+        profile::stop("ffn_norm", t);
+        let t = profile::start();
+        let gu = layer.gate_up.forward(&h)?;
+        let g = match c.activation {
+            Activation::Silu => candle_nn::ops::silu(&gu[0])?,
+            Activation::GeluTanh => gu[0].gelu()?,
+        };
+        profile::stop("gate_up_matmul_act", t);
+        let t = profile::start();
+        let gu = (g * &gu[1])?;
+        let mut m = layer.down.forward(&gu)?;
+        profile::stop("mul_down_matmul", t);
+        if let Some(nrm) = &layer.post_ffn_norm {
+            m = nrm.forward(&m)?;
+        }
+        Ok((x + m)?)
     }
 
     /// Attention of one sequence's `T` new queries (`[H, T, d]`) over its cache

@@ -79,6 +79,22 @@ impl Network {
         }
     }
 
+    /// Keeps KV caches in one preallocated pool on the device (see `family::KvPool`);
+    /// single-sequence networks have nothing to pool.
+    pub fn enable_kv_pool(&mut self, slots: usize, cap: usize) -> Result<()> {
+        match self {
+            Network::Family(m) => m.enable_kv_pool(slots, cap),
+            Network::Phi3(_) => Ok(()),
+        }
+    }
+
+    pub fn is_cuda(&self) -> bool {
+        match self {
+            Network::Family(m) => m.device().is_cuda(),
+            Network::Phi3(_) => false,
+        }
+    }
+
     pub fn kv_bytes_per_token(&self) -> usize {
         match self {
             Network::Family(m) => m.kv_bytes_per_token(),

@@ -304,6 +304,8 @@ struct PooledStep {
     lmax: usize,
     /// Each item's slot, `[n]` u32.
     slot_ids: Tensor,
+    /// Item i sits in slot i: queries and outputs need no placing or gathering.
+    packed: bool,
     /// Row in the `[slots * kv * cap, d]` view of the pool for each new key/value row.
     scatter: Tensor,
     /// Additive masks `[rows, 1, 1, lmax]` per window kind: (window, mask).
@@ -554,7 +556,9 @@ impl FamilyModel {
         let Some(p) = &self.pool else {
             return Ok(None);
         };
-        if items.len() < 2 && !self.device.is_cuda() {
+        // one sequence: its own view of the slot is cheaper (fewer launches) than the
+        // batched masked path
+        if items.len() < 2 {
             return Ok(None);
         }
         let mut slots = Vec::with_capacity(items.len());
@@ -578,6 +582,7 @@ impl FamilyModel {
             }
         }
         let scatter = Tensor::from_vec(scatter, (n * c.kv_heads, c.head_dim), &self.device)?;
+        let packed = slots.iter().enumerate().all(|(i, &(s, _))| s == i);
         let ids: Vec<u32> = slots.iter().map(|&(s, _)| s as u32).collect();
         let slot_ids = Tensor::from_vec(ids, n, &self.device)?;
         let mut masks = Vec::new();
@@ -603,6 +608,7 @@ impl FamilyModel {
             rows,
             lmax,
             slot_ids,
+            packed,
             scatter,
             masks,
         }))
@@ -629,9 +635,16 @@ impl FamilyModel {
         let g = c.heads / c.kv_heads;
         // queries placed at their slot's row: the pool needs no gather
         let q = q.reshape((n, c.heads * c.head_dim))?;
-        let qs = Tensor::zeros((st.rows, c.heads * c.head_dim), q.dtype(), &self.device)?
-            .index_add(&st.slot_ids, &q, 0)?
-            .reshape((st.rows, c.kv_heads, g, c.head_dim))?;
+        let qs = if st.packed {
+            q
+        } else {
+            Tensor::zeros((st.rows, c.heads * c.head_dim), q.dtype(), &self.device)?.index_add(
+                &st.slot_ids,
+                &q,
+                0,
+            )?
+        }
+        .reshape((st.rows, c.kv_heads, g, c.head_dim))?;
         let kk = p.k[li].narrow(0, 0, st.rows)?.narrow(2, 0, st.lmax)?;
         let vv = p.v[li].narrow(0, 0, st.rows)?.narrow(2, 0, st.lmax)?;
         let scale = 1.0 / (c.head_dim as f64).sqrt();
@@ -639,7 +652,11 @@ impl FamilyModel {
         let mask = &st.masks.iter().find(|(w, _)| *w == window).unwrap().1;
         let pr = candle_nn::ops::softmax_last_dim(&sc.broadcast_add(mask)?)?.to_dtype(v.dtype())?;
         let o = pr.matmul(&vv)?.reshape((st.rows, c.heads * c.head_dim))?;
-        Ok(o.index_select(&st.slot_ids, 0)?)
+        Ok(if st.packed {
+            o
+        } else {
+            o.index_select(&st.slot_ids, 0)?
+        })
     }
 
     /// Bytes of KV cache one token of context costs.

@@ -365,6 +365,10 @@ mod tests {
         out
     }
 
+    fn flat(t: Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
     fn rel(a: &[f32], b: &[f32]) -> f32 {
         let num: f32 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum();
         let den: f32 = b.iter().map(|y| y * y).sum();
@@ -384,13 +388,7 @@ mod tests {
             for m in [1, 2, 5, 8, 9, 17] {
                 let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu).unwrap();
                 let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
-                let ours: Vec<f32> = q
-                    .forward(&x)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap();
+                let ours = flat(q.forward(&x).unwrap());
                 let want = scalar(&q, &xs, m);
                 assert!(
                     rel(&ours, &want) < 1e-6,
@@ -399,13 +397,7 @@ mod tests {
                 );
                 // Candle's kernel quantizes the activations its own way (scale rounding,
                 // ties): equal to a few 1e-3, which catches any layout mistake (those give ~1).
-                let c: Vec<f32> = candle
-                    .forward(&x)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap();
+                let c = flat(candle.forward(&x).unwrap());
                 assert!(
                     rel(&ours, &c) < 5e-3,
                     "{dt:?} m={m} vs candle: {}",

@@ -184,44 +184,30 @@ pub async fn completions(
     let model = e.info.id.clone();
     if req.stream {
         let usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
-        return Ok(stream(job, move |tx, ev, id, created| {
-            let chunk =
-                |text: String, finish: Option<String>, usage: Option<Usage>, choices: bool| {
-                    json!(CompletionResponse {
-                        id: id.to_string(),
-                        object: "text_completion".into(),
-                        created,
-                        model: model.clone(),
-                        choices: if choices {
-                            vec![CompletionChoice {
-                                index: 0,
-                                text,
-                                logprobs: None,
-                                finish_reason: finish,
-                            }]
-                        } else {
-                            vec![]
-                        },
-                        usage,
-                    })
-                };
-            match ev {
-                Event::Token { text, .. } | Event::Text(text) if !text.is_empty() => {
-                    tx.push(data(chunk(text, None, None, true)))
-                }
-                Event::Done(f) => {
-                    tx.push(data(chunk(
-                        String::new(),
-                        Some(openai_finish(f.finish).into()),
-                        None,
-                        true,
-                    )));
-                    if usage {
-                        tx.push(data(chunk(String::new(), None, Some(usage_of(&f)), false)));
-                    }
-                }
-                _ => {}
-            }
+        return Ok(stream(job, usage, move |piece, id, created| {
+            let (text, finish, usage, choices) = match piece {
+                Piece::Start => return None,
+                Piece::Text(t) => (t, None, None, true),
+                Piece::Finish(f) => (String::new(), Some(f.to_string()), None, true),
+                Piece::Usage(u) => (String::new(), None, Some(u), false),
+            };
+            Some(json!(CompletionResponse {
+                id: id.to_string(),
+                object: "text_completion".into(),
+                created,
+                model: model.clone(),
+                choices: if choices {
+                    vec![CompletionChoice {
+                        index: 0,
+                        text,
+                        logprobs: None,
+                        finish_reason: finish,
+                    }]
+                } else {
+                    vec![]
+                },
+                usage,
+            }))
         })
         .into_response());
     }
@@ -294,62 +280,47 @@ pub async fn chat_completions(
     let model = e.info.id.clone();
     if req.stream {
         let usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
-        let mut sent_role = false;
-        return Ok(stream(job, move |tx, ev, id, created| {
-            let chunk =
-                |delta: Delta, finish: Option<String>, usage: Option<Usage>, choices: bool| {
-                    json!(ChatCompletionChunk {
-                        id: id.to_string(),
-                        object: "chat.completion.chunk".into(),
-                        created,
-                        model: model.clone(),
-                        choices: if choices {
-                            vec![ChatChunkChoice {
-                                index: 0,
-                                delta,
-                                logprobs: None,
-                                finish_reason: finish,
-                            }]
-                        } else {
-                            vec![]
-                        },
-                        usage,
-                    })
-                };
-            if !sent_role {
-                sent_role = true;
-                let d = Delta {
-                    role: Some("assistant".into()),
-                    content: Some(String::new()),
-                };
-                tx.push(data(chunk(d, None, None, true)));
-            }
-            match ev {
-                Event::Token { text, .. } | Event::Text(text) if !text.is_empty() => {
-                    let d = Delta {
+        return Ok(stream(job, usage, move |piece, id, created| {
+            let (delta, finish, usage, choices) = match piece {
+                // the first chunk names the role, as OpenAI's does
+                Piece::Start => (
+                    Delta {
+                        role: Some("assistant".into()),
+                        content: Some(String::new()),
+                    },
+                    None,
+                    None,
+                    true,
+                ),
+                Piece::Text(t) => (
+                    Delta {
                         role: None,
-                        content: Some(text),
-                    };
-                    tx.push(data(chunk(d, None, None, true)))
-                }
-                Event::Done(f) => {
-                    tx.push(data(chunk(
-                        Delta::default(),
-                        Some(openai_finish(f.finish).into()),
-                        None,
-                        true,
-                    )));
-                    if usage {
-                        tx.push(data(chunk(
-                            Delta::default(),
-                            None,
-                            Some(usage_of(&f)),
-                            false,
-                        )));
-                    }
-                }
-                _ => {}
-            }
+                        content: Some(t),
+                    },
+                    None,
+                    None,
+                    true,
+                ),
+                Piece::Finish(f) => (Delta::default(), Some(f.to_string()), None, true),
+                Piece::Usage(u) => (Delta::default(), None, Some(u), false),
+            };
+            Some(json!(ChatCompletionChunk {
+                id: id.to_string(),
+                object: "chat.completion.chunk".into(),
+                created,
+                model: model.clone(),
+                choices: if choices {
+                    vec![ChatChunkChoice {
+                        index: 0,
+                        delta,
+                        logprobs: None,
+                        finish_reason: finish,
+                    }]
+                } else {
+                    vec![]
+                },
+                usage,
+            }))
         })
         .into_response());
     }
@@ -413,28 +384,55 @@ impl Out {
     }
 }
 
-/// An OpenAI SSE stream: `format` turns each engine event into `data:` chunks; errors
-/// become an error chunk; `data: [DONE]` ends it. The stream ends the job as soon as the
-/// client goes away.
+/// What one OpenAI streaming chunk carries; the endpoint turns it into its chunk type.
+enum Piece {
+    /// Before the first text (chat names the role here).
+    Start,
+    Text(String),
+    Finish(&'static str),
+    /// The usage chunk of `stream_options.include_usage` (no choices).
+    Usage(Usage),
+}
+
+/// An OpenAI SSE stream: `chunk` turns each [`Piece`] into a `data:` chunk (or nothing);
+/// errors become an error chunk; `data: [DONE]` ends it. The stream ends the job as soon
+/// as the client goes away.
 fn stream(
     job: Job,
-    mut format: impl FnMut(&mut Out, Event, &str, u64) + Send + 'static,
+    include_usage: bool,
+    mut chunk: impl FnMut(Piece, &str, u64) -> Option<serde_json::Value> + Send + 'static,
 ) -> SseStream {
     let id = job.id.clone();
     let created = job::unix_now();
-    pump(job, move |ev, out| match ev {
-        Event::Error(m) => {
+    let mut started = false;
+    pump(job, move |ev, out| {
+        let mut emit = |p: Piece, out: &mut Out| {
+            if let Some(v) = chunk(p, &id, created) {
+                out.push(data(v));
+            }
+        };
+        if let Event::Error(m) = ev {
             out.push(data(json!(ApiError::internal(m).envelope())));
-            true
+            return true;
         }
-        Event::Done(_) => {
-            format(out, ev, &id, created);
-            out.push(Sse::default().data("[DONE]"));
-            true
+        if !started {
+            started = true;
+            emit(Piece::Start, out);
         }
-        other => {
-            format(out, other, &id, created);
-            false
+        match ev {
+            Event::Done(f) => {
+                emit(Piece::Finish(openai_finish(f.finish)), out);
+                if include_usage {
+                    emit(Piece::Usage(usage_of(&f)), out);
+                }
+                out.push(Sse::default().data("[DONE]"));
+                true
+            }
+            Event::Token { text, .. } | Event::Text(text) if !text.is_empty() => {
+                emit(Piece::Text(text), out);
+                false
+            }
+            _ => false,
         }
     })
 }

@@ -102,14 +102,7 @@ async fn completions_and_chat_stream_the_same_text_as_non_streaming() {
         "Once upon a time, there was a little girl named Lily. She"
     );
     // /v1/models lists the model, and its id is accepted as `model`
-    let m: serde_json::Value = client()
-        .get(w.url("/v1/models"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let m = w.get_json("/v1/models").await;
     let id = m["data"][0]["id"].as_str().unwrap().to_string();
     assert_eq!(id, "SmolLM2-135M-Instruct.Q4_1");
     let (s, _) = post(

@@ -59,14 +59,7 @@ async fn health_is_503_while_loading_then_200_and_callback_has_every_field() {
     assert_eq!(cb["pid"], w.child.id());
     assert_eq!(cb["version"], env!("CARGO_PKG_VERSION"));
     // /info agrees
-    let info: serde_json::Value = c
-        .get(w.url("/info"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let info = w.get_json("/info").await;
     assert_eq!(info["backend"], "cpu");
     assert_eq!(info["model"]["architecture"], "llama");
     assert_eq!(info["model"]["quantization"], "Q4_1");

@@ -88,14 +88,7 @@ impl Worker {
     pub async fn wait_running(&self, n: u64, limit: Duration, why: &str) {
         let t = Instant::now();
         loop {
-            let h: serde_json::Value = client()
-                .get(self.url("/health"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let h = self.get_json("/health").await;
             if h["running"] == n {
                 return;
             }
@@ -110,6 +103,18 @@ impl Worker {
 
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
+    }
+
+    /// GET `path` and parse the body as JSON (whatever the status).
+    pub async fn get_json(&self, path: &str) -> serde_json::Value {
+        client()
+            .get(self.url(path))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
     }
 
     pub fn signal(&self, sig: i32) {

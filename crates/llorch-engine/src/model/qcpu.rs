@@ -84,29 +84,6 @@ impl QMat {
         Ok(Some(Self { kind, n, k, data }))
     }
 
-    pub fn kind(&self) -> Kind {
-        self.kind
-    }
-
-    /// Stacks matrices of the same kind and width along the output rows (fused QKV,
-    /// gate+up): one activation quantization and one pass instead of several.
-    pub fn concat(parts: &[&QMat]) -> Option<QMat> {
-        let first = parts.first()?;
-        if parts.iter().any(|p| p.kind != first.kind || p.k != first.k) {
-            return None;
-        }
-        let mut data = Vec::with_capacity(parts.iter().map(|p| p.data.len()).sum());
-        for p in parts {
-            data.extend_from_slice(&p.data);
-        }
-        Some(QMat {
-            kind: first.kind,
-            n: parts.iter().map(|p| p.n).sum(),
-            k: first.k,
-            data,
-        })
-    }
-
     /// `x [.., k]` (f32) times the transposed matrix: `[.., n]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
@@ -405,38 +382,5 @@ mod tests {
                 );
             }
         }
-    }
-
-    #[test]
-    fn concat_stacks_output_rows() {
-        let k = 64;
-        let a = Tensor::randn(0f32, 1.0, (5, k), &Device::Cpu).unwrap();
-        let b = Tensor::randn(0f32, 1.0, (3, k), &Device::Cpu).unwrap();
-        let qa = QMat::from_qtensor(&QTensor::quantize(&a, GgmlDType::Q4_1).unwrap())
-            .unwrap()
-            .unwrap();
-        let qb = QMat::from_qtensor(&QTensor::quantize(&b, GgmlDType::Q4_1).unwrap())
-            .unwrap()
-            .unwrap();
-        let ab = QMat::concat(&[&qa, &qb]).unwrap();
-        let x = Tensor::randn(0f32, 1.0, (3, k), &Device::Cpu).unwrap();
-        let y = ab.forward(&x).unwrap();
-        let ya = qa.forward(&x).unwrap();
-        let yb = qb.forward(&x).unwrap();
-        assert_eq!(y.dims(), &[3, 8]);
-        let d = (y - Tensor::cat(&[ya, yb], 1).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap();
-        assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0);
-        let q5 = QMat::from_qtensor(&QTensor::quantize(&b, GgmlDType::Q5_0).unwrap())
-            .unwrap()
-            .unwrap();
-        assert!(
-            QMat::concat(&[&qa, &q5]).is_none(),
-            "mixed kinds must not fuse"
-        );
     }
 }

@@ -151,7 +151,7 @@ enum Cmd {
         /// tinyllama-1.1b, smollm2-135m, qwen2.5-0.5b, gemma3-270m or tiny.
         #[arg(long, default_value = "tiny")]
         preset: String,
-        /// q4_k_m, q8_0, q4_0 (GGUF file) or f16, bf16, f32 (SafeTensors folder).
+        /// q4_k_m, q6_k, q8_0, q5_0, q4_1, q4_0 (GGUF file; "q4_k_m" writes every matrix as Q4_K) or f16, bf16, f32 (SafeTensors folder).
         #[arg(long, default_value = "q4_k_m")]
         dtype: String,
         /// Output file (GGUF) or folder (SafeTensors).
@@ -290,7 +290,7 @@ fn main() -> Result<()> {
                 )
             })?;
             let d = llorch_engine::synth::parse_dtype(&dtype).ok_or_else(|| {
-                anyhow!("--dtype {dtype}: expected q4_k_m, q8_0, q4_0, f16, bf16 or f32")
+                anyhow!("--dtype {dtype}: expected q4_k_m, q6_k, q8_0, q5_0, q4_1, q4_0, f16, bf16 or f32")
             })?;
             let t = Instant::now();
             llorch_engine::synth::write(&shape, d, &out, seed)?;
@@ -510,6 +510,11 @@ fn check(
     };
     let dequantized = path.is_file() && llorch_engine::model::dequantize_enabled();
     let mut net = m.network;
+    if net.is_cuda() {
+        // as the worker does on a GPU: caches in the device pool, which is also what lets
+        // decode steps run as CUDA graphs (`LLORCH_CUDA_GRAPH=0` keeps them on Candle)
+        net.enable_kv_pool(1, prompt.len() + tokens + 1)?;
+    }
     let mut seq = net.new_seq();
     let t = Instant::now();
     let logits: Vec<f32> = net
@@ -542,6 +547,8 @@ fn check(
         "model": path.display().to_string(), "device": dev.backend().label(),
         "dequantized": dequantized, "prompt_ids": prompt, "logits": logits, "greedy_ids": greedy,
         "greedy_margins": margins,
+        // logits after the last greedy token: a decode step (a CUDA graph on a GPU)
+        "decode_logits": last,
         "seconds": t.elapsed().as_secs_f64(),
     });
     match out {

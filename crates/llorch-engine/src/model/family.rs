@@ -337,6 +337,9 @@ pub struct FamilyModel {
     dtype: DType,
     rope: Mutex<Vec<RopeTable>>,
     pool: Option<KvPool>,
+    /// Decode steps through our fused kernels as CUDA graphs (see [`super::graph`]).
+    #[cfg(feature = "cuda")]
+    graph: Option<Mutex<super::graph::GraphDecoder>>,
 }
 
 /// Grow KV caches in chunks of this many positions (allocation amortised, memory bounded).
@@ -466,6 +469,8 @@ impl FamilyModel {
             dtype,
             rope: Mutex::new(Vec::new()),
             pool: None,
+            #[cfg(feature = "cuda")]
+            graph: None,
         })
     }
 
@@ -515,6 +520,8 @@ impl FamilyModel {
             v,
             free: Arc::new(Mutex::new((0..slots).rev().collect())),
         });
+        #[cfg(feature = "cuda")]
+        self.enable_graph();
         Ok(())
     }
 
@@ -740,6 +747,15 @@ impl FamilyModel {
     /// to each item's cache, and returns the logits of each item's last token:
     /// `[items, vocab]`, f32.
     pub fn forward(&self, items: &mut [BatchItem<'_>]) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some(out) = self.graph_forward(items)? {
+            return Ok(out);
+        }
+        self.forward_candle(items)
+    }
+
+    /// [`Self::forward`] through Candle's operations.
+    fn forward_candle(&self, items: &mut [BatchItem<'_>]) -> Result<Tensor> {
         let c = &self.cfg;
         let mut ids = Vec::new();
         let mut positions = Vec::new();
@@ -914,5 +930,163 @@ impl FamilyModel {
         Ok(o.reshape((c.heads, t, d))?
             .transpose(0, 1)?
             .reshape((t, c.heads * d))?)
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl FamilyModel {
+    /// Sets up the CUDA-graph decoder when the model and the pool allow it; otherwise
+    /// decode stays on the Candle path (the reason is logged).
+    fn enable_graph(&mut self) {
+        self.graph = None;
+        let mode = std::env::var("LLORCH_CUDA_GRAPH").unwrap_or_default();
+        if !self.device.is_cuda() || mode == "0" {
+            return;
+        }
+        let made = self
+            .graph_plan()
+            .and_then(|plan| super::graph::GraphDecoder::new(plan, &self.device, mode == "eager"));
+        match made {
+            Ok(g) => {
+                tracing::info!("decode steps run as CUDA graphs of fused kernels");
+                self.graph = Some(Mutex::new(g));
+            }
+            Err(e) => tracing::info!(reason = %e, "decode steps stay on Candle's kernels"),
+        }
+    }
+
+    /// What the graph decoder needs, or why it cannot run this model.
+    fn graph_plan(&self) -> Result<super::graph::Plan> {
+        use crate::error::EngineError;
+        let c = &self.cfg;
+        let no = |why: &str| EngineError::Device(format!("CUDA graph decode: {why}"));
+        let q = |m: &Mat| -> Result<Arc<QTensor>> {
+            match m {
+                Mat::Candle(QMatMul::QTensor(q)) => Ok(q.clone()),
+                _ => Err(no("dense or CPU weights")),
+            }
+        };
+        let pool = self.pool.as_ref().ok_or_else(|| no("no KV pool"))?;
+        if self.dtype != DType::F32 || c.activation != Activation::Silu || c.embed_scale.is_some() {
+            return Err(no("needs f32 activations, SiLU and no embedding scale"));
+        }
+        let Embedding::Quantized(embed) = &self.embed else {
+            return Err(no("dense embeddings"));
+        };
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for l in &self.layers {
+            if l.q_norm.is_some()
+                || l.k_norm.is_some()
+                || l.post_attn_norm.is_some()
+                || l.post_ffn_norm.is_some()
+                || l.window.is_some()
+                || l.rope_base != c.rope_base
+                || l.o.b.is_some()
+                || l.down.b.is_some()
+            {
+                return Err(no("layer structure beyond llama/qwen2"));
+            }
+            let qkv = match &l.qkv {
+                Proj::Fused(lin, _) => vec![(q(&lin.w)?, lin.b.clone())],
+                Proj::Split(ls) => ls
+                    .iter()
+                    .map(|lin| Ok((q(&lin.w)?, lin.b.clone())))
+                    .collect::<Result<_>>()?,
+            };
+            let Proj::Fused(gu, _) = &l.gate_up else {
+                return Err(no("gate and up projections of different types"));
+            };
+            if gu.b.is_some() {
+                return Err(no("MLP biases"));
+            }
+            layers.push(super::graph::LayerPlan {
+                attn_norm: l.attn_norm.weight().clone(),
+                qkv,
+                o: q(&l.o.w)?,
+                ffn_norm: l.ffn_norm.weight().clone(),
+                gate_up: q(&gu.w)?,
+                down: q(&l.down.w)?,
+            });
+        }
+        if self.lm_head.b.is_some() {
+            return Err(no("output bias"));
+        }
+        Ok(super::graph::Plan {
+            hidden: c.hidden,
+            heads: c.heads,
+            kv_heads: c.kv_heads,
+            head_dim: c.head_dim,
+            intermediate: c.intermediate,
+            vocab: c.vocab,
+            eps: c.eps as f32,
+            rope_base: c.rope_base,
+            rope_interleaved: c.rope_interleaved,
+            embed: embed.clone(),
+            layers,
+            out_norm: self.norm.weight().clone(),
+            lm_head: q(&self.lm_head.w)?,
+            kv: pool.k.iter().cloned().zip(pool.v.iter().cloned()).collect(),
+            slots: pool.slots,
+            cap: pool.cap,
+        })
+    }
+
+    /// Decode items (one token, cache in the pool) go through the CUDA graph when there
+    /// are at most `graph::MAX_BATCH` of them; the other items of the step (prefill chunks,
+    /// caches outside the pool) through Candle. `None` when nothing fits the graph.
+    fn graph_forward(&self, items: &mut [BatchItem<'_>]) -> Result<Option<Tensor>> {
+        let (Some(g), Some(p)) = (&self.graph, &self.pool) else {
+            return Ok(None);
+        };
+        let mut step = Vec::with_capacity(items.len());
+        let mut on_graph = Vec::with_capacity(items.len());
+        for it in items.iter() {
+            let fits = match &it.cache.slot {
+                Some(s) if it.tokens.len() == 1 && it.cache.len < p.cap => {
+                    step.push((it.tokens[0], it.cache.len, s.idx));
+                    true
+                }
+                _ => false,
+            };
+            on_graph.push(fits);
+        }
+        if step.is_empty() || step.len() > super::graph::MAX_BATCH {
+            return Ok(None);
+        }
+        let t = profile::start();
+        let logits = g.lock().unwrap_or_else(|e| e.into_inner()).step(&step)?;
+        profile::stop("cuda_graph_step", t);
+        let v = self.cfg.vocab;
+        let n = items.len();
+        if step.len() == n {
+            for it in items.iter_mut() {
+                it.cache.len += 1;
+            }
+            return Ok(Some(Tensor::from_vec(logits, (n, v), &Device::Cpu)?));
+        }
+        let mut rest: Vec<BatchItem<'_>> = Vec::with_capacity(n - step.len());
+        for (it, &fits) in items.iter_mut().zip(&on_graph) {
+            if fits {
+                it.cache.len += 1;
+            } else {
+                rest.push(BatchItem {
+                    cache: &mut *it.cache,
+                    tokens: it.tokens,
+                });
+            }
+        }
+        let other = self.forward_candle(&mut rest)?.to_vec2::<f32>()?;
+        let mut out = Vec::with_capacity(n * v);
+        let (mut gi, mut oi) = (0, 0);
+        for fits in on_graph {
+            if fits {
+                out.extend_from_slice(&logits[gi * v..(gi + 1) * v]);
+                gi += 1;
+            } else {
+                out.extend_from_slice(&other[oi]);
+                oi += 1;
+            }
+        }
+        Ok(Some(Tensor::from_vec(out, (n, v), &Device::Cpu)?))
     }
 }

@@ -3,6 +3,8 @@
 //! batched forward ([`family`]); Phi-3 runs on Candle's single-sequence model.
 
 pub mod family;
+#[cfg(feature = "cuda")]
+mod graph;
 mod phi3;
 pub mod qcpu;
 mod sources;

@@ -1,0 +1,40 @@
+"""Greedy outputs of a worker on the GPU are the same alone and in a batch (graph buckets).
+
+Sends each prompt alone, then all of them at once (and the first one several times), and
+compares the texts. Usage: python3 same_outputs.py URL
+"""
+import json
+import sys
+import threading
+import urllib.request
+
+URL = sys.argv[1]
+PROMPTS = ["The capital of France is", "def add(a, b):", "Once upon a time", "1, 2, 3, 4,",
+           "The three primary colors are", "Water boils at", "A haiku about the sea:"]
+
+
+def complete(prompt):
+    body = json.dumps({"prompt": prompt, "max_tokens": 24, "temperature": 0}).encode()
+    req = urllib.request.Request(URL + "/v1/completions", body, {"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return json.load(r)["choices"][0]["text"]
+
+
+alone = {p: complete(p) for p in PROMPTS}
+batch = PROMPTS + [PROMPTS[0]] * 5  # 12 at once: the 16-row bucket
+out = [None] * len(batch)
+
+
+def run(i):
+    out[i] = complete(batch[i])
+
+
+ts = [threading.Thread(target=run, args=(i,)) for i in range(len(batch))]
+[t.start() for t in ts]
+[t.join() for t in ts]
+same = sum(out[i] == alone[p] for i, p in enumerate(batch))
+print(json.dumps({"requests": len(batch), "same_as_alone": same}))
+for i, p in enumerate(batch):
+    if out[i] != alone[p]:
+        print("DIFF", repr(p), repr(alone[p]), repr(out[i]))
+sys.exit(0 if same == len(batch) else 1)

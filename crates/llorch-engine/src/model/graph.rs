@@ -1,0 +1,644 @@
+//! Decode steps on CUDA as one replayed CUDA graph of our own fused kernels (`decode.cu`).
+//!
+//! Why: through Candle a decode step of a 22-layer model is ~450 operations at ~8-10 us of
+//! host time each, so the GPU idles ~95% of the time (`bench/results/gpu-h100/`). Here a
+//! step is 5 kernels per layer (RMS-normed quantized matrix-vector products with fused
+//! bias / residual / SwiGLU, and one RoPE + KV write + attention kernel) over buffers
+//! allocated once; tokens, positions, KV slots and the batch size are read from device
+//! memory, so each batch-size bucket (1, 2, 4, 8 sequences) is captured once and every
+//! later step is one small upload, one graph launch and one download of the logits.
+//! In a step that mixes decode and prefill, the decode items take the graph and the rest
+//! Candle's operations.
+//!
+//! Applies to decode steps (one new token per sequence) of llama-family models whose KV
+//! caches live in the model's pool, with f32 activations and GGUF weights of the types the
+//! kernels read (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K); everything else (prefill, bf16
+//! SafeTensors, Gemma 3, Qwen3's Q/K norms) stays on the Candle path. `LLORCH_CUDA_GRAPH=0`
+//! turns it off.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use candle_core::cuda_backend::cudarc::driver::{
+    sys, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
+    LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Storage, Tensor};
+
+use crate::error::{EngineError, Result};
+
+static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/decode.fatbin"));
+
+/// Largest batch a graph covers; bigger decode steps take Candle's pooled path, which
+/// measured faster from 16 sequences on (our kernels read f32 inputs once per row, so their
+/// load traffic grows with the batch; `bench/README.md`).
+pub const MAX_BATCH: usize = 8;
+const BUCKETS: [usize; 4] = [1, 2, 4, 8];
+const WARPS: usize = 8;
+const MODE_PLAIN: i32 = 0;
+const MODE_RESID: i32 = 1;
+const MODE_GLU: i32 = 2;
+
+/// The weights of one layer as the kernels need them.
+pub struct LayerPlan {
+    pub attn_norm: Tensor,
+    /// Q, K, V (fused or not), each with its bias.
+    pub qkv: Vec<(Arc<QTensor>, Option<Tensor>)>,
+    pub o: Arc<QTensor>,
+    pub ffn_norm: Tensor,
+    /// Gate and up stacked (`[2 * intermediate, hidden]`).
+    pub gate_up: Arc<QTensor>,
+    pub down: Arc<QTensor>,
+}
+
+/// Everything the decoder reads from the model, collected by `FamilyModel::graph_plan`.
+pub struct Plan {
+    pub hidden: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub intermediate: usize,
+    pub vocab: usize,
+    pub eps: f32,
+    pub rope_base: f32,
+    pub rope_interleaved: bool,
+    pub embed: Arc<QTensor>,
+    pub layers: Vec<LayerPlan>,
+    pub out_norm: Tensor,
+    pub lm_head: Arc<QTensor>,
+    /// The KV pool's per-layer keys and values, `[slots, kv_heads, cap, head_dim]` f32.
+    pub kv: Vec<(Tensor, Tensor)>,
+    pub slots: usize,
+    pub cap: usize,
+}
+
+/// Matches `MvArgs` in decode.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct MvArgs {
+    w: u64,
+    x: u64,
+    norm_next: u64,
+    xn: u64,
+    bias: u64,
+    y: u64,
+    part: u64,
+    counter: u64,
+    n: u64,
+    row_bytes: u64,
+    rows: i32,
+    k: i32,
+    ldy: i32,
+    mode: i32,
+    eps: f32,
+    pad: i32,
+}
+
+// SAFETY: plain old data, laid out as the C struct the kernels take by value.
+unsafe impl DeviceRepr for MvArgs {}
+
+/// A quantized matrix on the device: kernel family and geometry.
+#[derive(Clone)]
+struct Mat {
+    tag: &'static str,
+    ptr: u64,
+    rows: usize,
+    k: usize,
+    row_bytes: usize,
+}
+
+fn tag(dt: GgmlDType) -> Option<&'static str> {
+    Some(match dt {
+        GgmlDType::Q4_0 => "q4_0",
+        GgmlDType::Q4_1 => "q4_1",
+        GgmlDType::Q5_0 => "q5_0",
+        GgmlDType::Q8_0 => "q8_0",
+        GgmlDType::Q4K => "q4_k",
+        GgmlDType::Q6K => "q6_k",
+        _ => return None,
+    })
+}
+
+fn unsupported(what: String) -> EngineError {
+    EngineError::Device(format!("CUDA graph decode: {what}"))
+}
+
+fn mat(q: &QTensor) -> Result<Mat> {
+    let dt = q.dtype();
+    let tag = tag(dt).ok_or_else(|| unsupported(format!("no kernel for {dt:?} weights")))?;
+    let (rows, k) = q.shape().dims2()?;
+    if !k.is_multiple_of(dt.block_size()) {
+        return Err(unsupported(format!(
+            "row of {k} is not whole {dt:?} blocks"
+        )));
+    }
+    Ok(Mat {
+        tag,
+        ptr: q.device_ptr()? as u64,
+        rows,
+        k,
+        row_bytes: k / dt.block_size() * dt.type_size(),
+    })
+}
+
+/// Device address of a contiguous f32 tensor (kept alive by the plan).
+fn ptr(t: &Tensor, stream: &CudaStream) -> Result<u64> {
+    if !t.is_contiguous() || t.dtype() != candle_core::DType::F32 {
+        return Err(unsupported(
+            "norm, bias or KV tensor is not contiguous f32".into(),
+        ));
+    }
+    let (st, layout) = t.storage_and_layout();
+    match &*st {
+        Storage::Cuda(cs) => {
+            let s = cs.as_cuda_slice::<f32>()?;
+            let (p, _sync) = s.device_ptr(stream);
+            Ok(p + 4 * layout.start_offset() as u64)
+        }
+        _ => Err(unsupported("tensor is not on the GPU".into())),
+    }
+}
+
+struct LayerDev {
+    attn_norm: u64,
+    /// (matrix, bias, first output column in the fused QKV row)
+    qkv: Vec<(Mat, u64, usize)>,
+    o: Mat,
+    ffn_norm: u64,
+    gate_up: Mat,
+    down: Mat,
+    k: u64,
+    v: u64,
+}
+
+/// Buffers allocated once for [`MAX_BATCH`] rows.
+struct Buffers {
+    x: CudaSlice<f32>,
+    xn: CudaSlice<f32>,
+    qkv: CudaSlice<f32>,
+    att: CudaSlice<f32>,
+    act: CudaSlice<f32>,
+    logits: CudaSlice<f32>,
+    part: CudaSlice<f32>,
+    counter: CudaSlice<u32>,
+    /// tokens, positions, slots (`MAX_BATCH` each) and the batch size
+    params: CudaSlice<i32>,
+    inv_freq: CudaSlice<f32>,
+}
+
+#[derive(Clone, Copy)]
+struct Addrs {
+    x: u64,
+    xn: u64,
+    qkv: u64,
+    att: u64,
+    act: u64,
+    logits: u64,
+    part: u64,
+    counter: u64,
+    params: u64,
+    inv_freq: u64,
+}
+
+pub struct GraphDecoder {
+    /// Keeps the tensors whose addresses the graphs hold alive.
+    plan: Plan,
+    stream: Arc<CudaStream>,
+    /// Candle's stream: our step waits for its queued work (prefill KV writes).
+    candle: Arc<CudaStream>,
+    _module: Arc<CudaModule>,
+    funcs: HashMap<String, CudaFunction>,
+    layers: Vec<LayerDev>,
+    embed: Mat,
+    lm_head: Mat,
+    out_norm: u64,
+    buf: Buffers,
+    /// Device addresses of `buf`, taken once: during capture, asking a buffer for its
+    /// address would enqueue a wait on an event from outside the graph (capture error).
+    at: Addrs,
+    graphs: HashMap<usize, CudaGraph>,
+    /// `LLORCH_CUDA_GRAPH=eager`: launch the kernels without capturing (debugging).
+    eager: bool,
+    /// Dynamic shared memory of the attention kernel: one score per cached position.
+    att_smem: u32,
+}
+
+// SAFETY: the graph and module handles are only used behind the model's Mutex, one thread
+// at a time; CUDA allows using them from any thread when calls are serialized.
+unsafe impl Send for GraphDecoder {}
+
+fn dptr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
+    s.device_ptr(stream).0
+}
+
+impl GraphDecoder {
+    pub fn new(plan: Plan, device: &Device, eager: bool) -> Result<Self> {
+        let Device::Cuda(dev) = device else {
+            return Err(unsupported("not a CUDA device".into()));
+        };
+        if plan.head_dim != 64 && plan.head_dim != 128 {
+            return Err(unsupported(format!("head_dim {}", plan.head_dim)));
+        }
+        let candle = dev.cuda_stream();
+        let ctx = candle.context().clone();
+        let w = |e: candle_core::cuda_backend::cudarc::driver::DriverError| {
+            EngineError::Device(format!("CUDA: {e:?}"))
+        };
+        let stream = ctx.new_stream().map_err(w)?;
+        let module = ctx
+            .load_module(Ptx::from_binary(FATBIN.to_vec()))
+            .map_err(w)?;
+        let embed = mat(&plan.embed)?;
+        let lm_head = mat(&plan.lm_head)?;
+        let h = plan.hidden;
+        let qkv_w = (plan.heads + 2 * plan.kv_heads) * plan.head_dim;
+        let mut layers = Vec::with_capacity(plan.layers.len());
+        for (l, (k, v)) in plan.layers.iter().zip(&plan.kv) {
+            let mut qkv = Vec::new();
+            let mut off = 0;
+            for (q, b) in &l.qkv {
+                let m = mat(q)?;
+                let bias = match b {
+                    Some(b) => ptr(b, &stream)?,
+                    None => 0,
+                };
+                let rows = m.rows;
+                qkv.push((m, bias, off));
+                off += rows;
+            }
+            let gate_up = mat(&l.gate_up)?;
+            let (o, down) = (mat(&l.o)?, mat(&l.down)?);
+            let geometry_ok = off == qkv_w
+                && qkv.iter().all(|(m, _, _)| m.k == h)
+                && o.rows == h
+                && o.k == plan.heads * plan.head_dim
+                && gate_up.rows == 2 * plan.intermediate
+                && gate_up.k == h
+                && down.rows == h
+                && down.k == plan.intermediate;
+            if !geometry_ok {
+                return Err(unsupported("unexpected projection shapes".into()));
+            }
+            layers.push(LayerDev {
+                attn_norm: ptr(&l.attn_norm, &stream)?,
+                qkv,
+                o,
+                ffn_norm: ptr(&l.ffn_norm, &stream)?,
+                gate_up,
+                down,
+                k: ptr(k, &stream)?,
+                v: ptr(v, &stream)?,
+            });
+        }
+        if embed.k != h || lm_head.k != h || lm_head.rows != plan.vocab {
+            return Err(unsupported("unexpected embedding or output shapes".into()));
+        }
+        let mut funcs = HashMap::new();
+        let mut tags: Vec<&str> = vec![embed.tag, lm_head.tag];
+        for l in &layers {
+            tags.extend(l.qkv.iter().map(|(m, _, _)| m.tag));
+            tags.extend([l.o.tag, l.gate_up.tag, l.down.tag]);
+        }
+        tags.sort_unstable();
+        tags.dedup();
+        let mut names = vec![format!("attention_{}", plan.head_dim)];
+        for t in tags {
+            names.push(format!("embed_{t}"));
+            names.extend(BUCKETS.iter().map(|b| format!("mv_{t}_{b}")));
+        }
+        for name in names {
+            let f = module.load_function(&name).map_err(w)?;
+            funcs.insert(name, f);
+        }
+        // scores of every position in shared memory: past the default 48 KiB a kernel
+        // must opt in (up to ~227 KiB on Hopper, ~56k positions); longer pools keep Candle
+        let att_smem = 4 * plan.cap;
+        if att_smem > 200 * 1024 {
+            return Err(unsupported(format!("{} positions per sequence", plan.cap)));
+        }
+        if att_smem > 40 * 1024 {
+            funcs[&format!("attention_{}", plan.head_dim)]
+                .set_attribute(
+                    sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    att_smem as i32,
+                )
+                .map_err(w)?;
+        }
+        let nb = MAX_BATCH;
+        let half = plan.head_dim / 2;
+        let inv: Vec<f32> = (0..half)
+            .map(|i| 1f32 / plan.rope_base.powf((2 * i) as f32 / plan.head_dim as f32))
+            .collect();
+        let z = |n: usize| stream.alloc_zeros::<f32>(n).map_err(w);
+        let mut inv_freq = z(half)?;
+        stream.memcpy_htod(&inv, &mut inv_freq).map_err(w)?;
+        let buf = Buffers {
+            x: z(nb * h)?,
+            xn: z(nb * h)?,
+            qkv: z(nb * qkv_w)?,
+            att: z(nb * plan.heads * plan.head_dim)?,
+            act: z(nb * plan.intermediate)?,
+            logits: z(nb * plan.vocab)?,
+            part: z(nb * h.div_ceil(WARPS))?,
+            counter: stream.alloc_zeros::<u32>(1).map_err(w)?,
+            params: stream.alloc_zeros::<i32>(3 * nb + 1).map_err(w)?,
+            inv_freq,
+        };
+        let at = Addrs {
+            x: dptr(&buf.x, &stream),
+            xn: dptr(&buf.xn, &stream),
+            qkv: dptr(&buf.qkv, &stream),
+            att: dptr(&buf.att, &stream),
+            act: dptr(&buf.act, &stream),
+            logits: dptr(&buf.logits, &stream),
+            part: dptr(&buf.part, &stream),
+            counter: dptr(&buf.counter, &stream),
+            params: dptr(&buf.params, &stream),
+            inv_freq: dptr(&buf.inv_freq, &stream),
+        };
+        stream.synchronize().map_err(w)?;
+        let out_norm = ptr(&plan.out_norm, &stream)?;
+        Ok(Self {
+            plan,
+            stream,
+            candle,
+            _module: module,
+            funcs,
+            layers,
+            embed,
+            lm_head,
+            out_norm,
+            buf,
+            at,
+            graphs: HashMap::new(),
+            eager,
+            att_smem: att_smem as u32,
+        })
+    }
+
+    /// One matrix-vector launch (`rows` warps, eight per block).
+    fn mv(&self, label: &'static str, nb: usize, m: &Mat, mut a: MvArgs) -> Result<()> {
+        let t = crate::profile::start();
+        let f = &self.funcs[&format!("mv_{}_{nb}", m.tag)];
+        a.w = m.ptr;
+        a.row_bytes = m.row_bytes as u64;
+        a.k = m.k as i32;
+        let out_rows = if a.mode == MODE_GLU {
+            m.rows / 2
+        } else {
+            m.rows
+        };
+        if a.rows == 0 {
+            a.rows = out_rows as i32;
+        }
+        let blocks = (a.rows as usize).div_ceil(WARPS) as u32;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: ((WARPS * 32) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = self.stream.launch_builder(f);
+        b.arg(&a);
+        // SAFETY: every pointer in `a` addresses a live buffer of the sizes the kernel reads
+        // (checked shapes in `new`); rows beyond the step's batch size are never touched.
+        unsafe { b.launch(cfg) }.map_err(|e| EngineError::Device(format!("CUDA launch: {e:?}")))?;
+        self.timed(label, t)
+    }
+
+    /// With `llorch bench --profile` and eager launches: waits for the kernel and books its
+    /// time (launch included) under `label`, to see where a step's GPU time goes.
+    fn timed(&self, label: &'static str, t: Option<std::time::Instant>) -> Result<()> {
+        if self.eager && t.is_some() {
+            self.stream
+                .synchronize()
+                .map_err(|e| EngineError::Device(format!("CUDA: {e:?}")))?;
+            crate::profile::stop(label, t);
+        }
+        Ok(())
+    }
+
+    /// Enqueues one whole decode step for a batch bucket of `nb` rows.
+    fn enqueue(&self, nb: usize) -> Result<()> {
+        let p = &self.plan;
+        let s = &self.stream;
+        let a = self.at;
+        let params = a.params;
+        let (tok, pos, slot, n) = (
+            params,
+            params + 4 * MAX_BATCH as u64,
+            params + 8 * MAX_BATCH as u64,
+            params + 12 * MAX_BATCH as u64,
+        );
+        let (x, qkv, att, act) = (a.x, a.qkv, a.att, a.act);
+        let (xn, part, counter) = (a.xn, a.part, a.counter);
+        let qkv_w = ((p.heads + 2 * p.kv_heads) * p.head_dim) as i32;
+        let err = |e| EngineError::Device(format!("CUDA launch: {e:?}"));
+
+        let t = crate::profile::start();
+        let f = &self.funcs[&format!("embed_{}", self.embed.tag)];
+        let mut lb = s.launch_builder(f);
+        let (row_bytes, hidden) = (self.embed.row_bytes as u64, p.hidden as i32);
+        lb.arg(&self.embed.ptr)
+            .arg(&row_bytes)
+            .arg(&hidden)
+            .arg(&tok)
+            .arg(&n)
+            .arg(&x)
+            .arg(&xn)
+            .arg(&self.layers[0].attn_norm)
+            .arg(&p.eps);
+        let cfg = LaunchConfig {
+            grid_dim: (nb as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: `x`/`xn` hold MAX_BATCH rows; token ids are checked against the vocab
+        // before they are uploaded.
+        unsafe { lb.launch(cfg) }.map_err(err)?;
+        self.timed("gpu_embed", t)?;
+
+        let base = MvArgs {
+            n,
+            eps: p.eps,
+            ..Default::default()
+        };
+        let att_f = &self.funcs[&format!("attention_{}", p.head_dim)];
+        let (heads, kv_heads, cap) = (p.heads as i32, p.kv_heads as i32, p.cap as i32);
+        let inv_freq = a.inv_freq;
+        let interleaved = p.rope_interleaved as i32;
+        let scale = 1f32 / (p.head_dim as f32).sqrt();
+        for (li, l) in self.layers.iter().enumerate() {
+            // the norm that reads the residual stream after this layer
+            let next_norm = match self.layers.get(li + 1) {
+                Some(nl) => nl.attn_norm,
+                None => self.out_norm,
+            };
+            for (m, bias, off) in &l.qkv {
+                self.mv(
+                    "gpu_qkv",
+                    nb,
+                    m,
+                    MvArgs {
+                        x: xn,
+                        bias: *bias,
+                        y: qkv + 4 * *off as u64,
+                        ldy: qkv_w,
+                        mode: MODE_PLAIN,
+                        ..base
+                    },
+                )?;
+            }
+            let t = crate::profile::start();
+            let mut lb = s.launch_builder(att_f);
+            lb.arg(&qkv)
+                .arg(&qkv_w)
+                .arg(&att)
+                .arg(&l.k)
+                .arg(&l.v)
+                .arg(&heads)
+                .arg(&kv_heads)
+                .arg(&cap)
+                .arg(&inv_freq)
+                .arg(&interleaved)
+                .arg(&pos)
+                .arg(&slot)
+                .arg(&n)
+                .arg(&scale);
+            let cfg = LaunchConfig {
+                grid_dim: (p.heads as u32, nb as u32, 1),
+                block_dim: (1024, 1, 1),
+                shared_mem_bytes: self.att_smem,
+            };
+            // SAFETY: positions are < cap and slots < the pool's slots (checked in `step`).
+            unsafe { lb.launch(cfg) }.map_err(err)?;
+            self.timed("gpu_attention", t)?;
+            let resid = |norm_next: u64| MvArgs {
+                y: x,
+                ldy: hidden,
+                mode: MODE_RESID,
+                part,
+                norm_next,
+                xn,
+                counter,
+                ..base
+            };
+            self.mv(
+                "gpu_o_proj",
+                nb,
+                &l.o,
+                MvArgs {
+                    x: att,
+                    ..resid(l.ffn_norm)
+                },
+            )?;
+            self.mv(
+                "gpu_gate_up_swiglu",
+                nb,
+                &l.gate_up,
+                MvArgs {
+                    x: xn,
+                    y: act,
+                    ldy: p.intermediate as i32,
+                    mode: MODE_GLU,
+                    ..base
+                },
+            )?;
+            self.mv(
+                "gpu_down",
+                nb,
+                &l.down,
+                MvArgs {
+                    x: act,
+                    ..resid(next_norm)
+                },
+            )?;
+        }
+        self.mv(
+            "gpu_lm_head",
+            nb,
+            &self.lm_head,
+            MvArgs {
+                x: xn,
+                y: a.logits,
+                ldy: p.vocab as i32,
+                mode: MODE_PLAIN,
+                ..base
+            },
+        )
+    }
+
+    fn capture(&self, nb: usize) -> Result<CudaGraph> {
+        let w = |e: candle_core::cuda_backend::cudarc::driver::DriverError| {
+            EngineError::Device(format!("CUDA: {e:?}"))
+        };
+        self.stream
+            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+            .map_err(w)?;
+        let queued = self.enqueue(nb);
+        let g = self
+            .stream
+            .end_capture(sys::CUgraphInstantiate_flags_enum(0))
+            .map_err(w)?;
+        queued?;
+        g.ok_or_else(|| unsupported("empty capture".into()))
+    }
+
+    /// One decode step: `(token, position, slot)` per sequence; returns `[n * vocab]` logits.
+    pub fn step(&mut self, items: &[(u32, usize, usize)]) -> Result<Vec<f32>> {
+        let n = items.len();
+        let p = &self.plan;
+        if n == 0 || n > MAX_BATCH {
+            return Err(unsupported(format!("batch of {n}")));
+        }
+        let mut params = vec![0i32; 3 * MAX_BATCH + 1];
+        for (i, &(tok, pos, slot)) in items.iter().enumerate() {
+            if tok as usize >= p.vocab || pos >= p.cap || slot >= p.slots {
+                return Err(unsupported(format!(
+                    "token {tok} / position {pos} / slot {slot} out of range"
+                )));
+            }
+            params[i] = tok as i32;
+            params[MAX_BATCH + i] = pos as i32;
+            params[2 * MAX_BATCH + i] = slot as i32;
+        }
+        params[3 * MAX_BATCH] = n as i32;
+        let nb = *BUCKETS.iter().find(|&&b| b >= n).unwrap_or(&MAX_BATCH);
+        let w = |e: candle_core::cuda_backend::cudarc::driver::DriverError| {
+            EngineError::Device(format!("CUDA: {e:?}"))
+        };
+        self.stream.join(&self.candle).map_err(w)?;
+        self.stream
+            .memcpy_htod(&params, &mut self.buf.params)
+            .map_err(w)?;
+        if self.eager {
+            self.enqueue(nb)?;
+        } else {
+            if !self.graphs.contains_key(&nb) {
+                match self.capture(nb) {
+                    Ok(g) => {
+                        tracing::debug!(batch = nb, "captured a CUDA graph of the decode step");
+                        self.graphs.insert(nb, g);
+                    }
+                    Err(e) => {
+                        // the same kernels still run, launched one by one
+                        tracing::warn!(error = %e, "CUDA graph capture failed; launching eagerly");
+                        self.eager = true;
+                    }
+                }
+            }
+            match self.graphs.get(&nb) {
+                Some(g) if !self.eager => g.launch().map_err(w)?,
+                _ => self.enqueue(nb)?,
+            }
+        }
+        let v = self.plan.vocab;
+        let mut out = vec![0f32; n * v];
+        self.stream
+            .memcpy_dtoh(&self.buf.logits.slice(..n * v), &mut out)
+            .map_err(w)?;
+        self.stream.synchronize().map_err(w)?;
+        Ok(out)
+    }
+}

@@ -54,6 +54,11 @@ fn every_architecture_and_format_loads_and_generates() {
         cases.push(write(dir.path(), arch, "q8_0"));
         cases.push(write(dir.path(), arch, "q4_0"));
     }
+    // the other GGUF types `llorch synth` writes (the CUDA-graph kernels' coverage on the GPU;
+    // q6_k falls back to Q8_0 on this shape's 64-wide rows, as real converters do)
+    for dt in ["q4_1", "q5_0", "q6_k"] {
+        cases.push(write(dir.path(), Arch::Llama, dt));
+    }
     for arch in [Arch::Llama, Arch::Qwen2, Arch::Qwen3] {
         for dt in ["f32", "f16", "bf16"] {
             cases.push(write(dir.path(), arch, dt));

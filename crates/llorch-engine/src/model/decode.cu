@@ -66,6 +66,10 @@ __device__ __forceinline__ u32 ld16x2(const uint8_t* p) {  // 4 bytes, 2-byte al
     return (u32)q[0] | ((u32)q[1] << 16);
 }
 
+// The float of a small unsigned integer (< 2^23), exactly, by bit assembly: int-to-float
+// conversion runs at a quarter of the FP32 rate, and the kernels convert every weight.
+__device__ __forceinline__ float u2f(u32 v) { return __int_as_float(0x4B000000u | v) - 8388608.f; }
+
 __device__ __forceinline__ u32 byte_of(const u32* s, int i) {
     return (s[i >> 2] >> (8 * (i & 3))) & 0xFF;
 }
@@ -111,8 +115,8 @@ __device__ __forceinline__ bool load32(const uint8_t* row, int k, int g, int lan
 #pragma unroll
             for (int e = 0; e < 16; ++e) {
                 const u32 by = (qq[e >> 2] >> (8 * (e & 3))) & 0xFF;
-                w[e] = d0 * (float)(by & 0xF) - n0;
-                w[16 + e] = d1 * (float)(by >> 4) - n1;
+                w[e] = d0 * u2f(by & 0xF) - n0;
+                w[16 + e] = d1 * u2f(by >> 4) - n1;
             }
             c0 = sb * 256 + 64 * j + b0;
         } else {
@@ -129,11 +133,11 @@ __device__ __forceinline__ bool load32(const uint8_t* row, int k, int g, int lan
                 const u32 l4 = ld16x2(ql + 4 * e4), h4 = ld16x2(qh + 4 * e4);
 #pragma unroll
                 for (int f = 0; f < 4; ++f) {
-                    const int l = (l4 >> (8 * f)) & 0xFF, h = (h4 >> (8 * f)) & 0xFF;
-                    const int lo = (l & 0xF) | (((h >> (2 * sel)) & 3) << 4);
-                    const int hi = (l >> 4) | (((h >> (4 + 2 * sel)) & 3) << 4);
-                    w[4 * e4 + f] = slo * (float)(lo - 32);
-                    w[16 + 4 * e4 + f] = shi * (float)(hi - 32);
+                    const u32 l = (l4 >> (8 * f)) & 0xFF, h = (h4 >> (8 * f)) & 0xFF;
+                    const u32 lo = (l & 0xF) | (((h >> (2 * sel)) & 3) << 4);
+                    const u32 hi = (l >> 4) | (((h >> (4 + 2 * sel)) & 3) << 4);
+                    w[4 * e4 + f] = slo * (u2f(lo) - 32.f);
+                    w[16 + 4 * e4 + f] = shi * (u2f(hi) - 32.f);
                 }
             }
             c0 = sb * 256 + 128 * nh + 32 * sel + lb;
@@ -151,7 +155,8 @@ __device__ __forceinline__ bool load32(const uint8_t* row, int k, int g, int lan
             for (int e4 = 0; e4 < 8; ++e4) {
                 const u32 v = ld16x2(b + 2 + 4 * e4);
 #pragma unroll
-                for (int f = 0; f < 4; ++f) w[4 * e4 + f] = (float)(int8_t)((v >> (8 * f)) & 0xFF) * d;
+                for (int f = 0; f < 4; ++f)  // int8 b = (b ^ 0x80) - 128
+                    w[4 * e4 + f] = (u2f(((v >> (8 * f)) & 0xFF) ^ 0x80) - 128.f) * d;
             }
         } else if (QT == T_Q4_0 || QT == T_Q5_0) {
             const int hdr = QT == T_Q4_0 ? 2 : 6;
@@ -164,15 +169,15 @@ __device__ __forceinline__ bool load32(const uint8_t* row, int k, int g, int lan
 #pragma unroll
                 for (int f = 0; f < 4; ++f) {
                     const int j = 4 * e4 + f;
-                    const int by = (v >> (8 * f)) & 0xFF;
+                    const u32 by = (v >> (8 * f)) & 0xFF;
                     if (QT == T_Q4_0) {
-                        w[j] = (float)((by & 0xF) - 8) * d;
-                        w[16 + j] = (float)((by >> 4) - 8) * d;
+                        w[j] = (u2f(by & 0xF) - 8.f) * d;
+                        w[16 + j] = (u2f(by >> 4) - 8.f) * d;
                     } else {
-                        const int x0 = ((by & 0xF) | (((qh >> j) << 4) & 0x10)) - 16;
-                        const int x1 = ((by >> 4) | ((qh >> (j + 12)) & 0x10)) - 16;
-                        w[j] = (float)x0 * d;
-                        w[16 + j] = (float)x1 * d;
+                        const u32 x0 = (by & 0xF) | (((qh >> j) << 4) & 0x10);
+                        const u32 x1 = (by >> 4) | ((qh >> (j + 12)) & 0x10);
+                        w[j] = (u2f(x0) - 16.f) * d;
+                        w[16 + j] = (u2f(x1) - 16.f) * d;
                     }
                 }
             }
@@ -184,9 +189,9 @@ __device__ __forceinline__ bool load32(const uint8_t* row, int k, int g, int lan
                 const u32 v = ((const u32*)(b + 4))[e4];
 #pragma unroll
                 for (int f = 0; f < 4; ++f) {
-                    const int by = (v >> (8 * f)) & 0xFF;
-                    w[4 * e4 + f] = (float)(by & 0xF) * dm.x + dm.y;
-                    w[16 + 4 * e4 + f] = (float)(by >> 4) * dm.x + dm.y;
+                    const u32 by = (v >> (8 * f)) & 0xFF;
+                    w[4 * e4 + f] = u2f(by & 0xF) * dm.x + dm.y;
+                    w[16 + 4 * e4 + f] = u2f(by >> 4) * dm.x + dm.y;
                 }
             }
         }

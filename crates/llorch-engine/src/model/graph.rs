@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use candle_core::cuda_backend::cudarc::driver::{
     sys, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
-    LaunchConfig, PushKernelArg,
+    DriverError, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -119,6 +119,10 @@ fn tag(dt: GgmlDType) -> Option<&'static str> {
         GgmlDType::Q6K => "q6_k",
         _ => return None,
     })
+}
+
+fn drv(e: DriverError) -> EngineError {
+    EngineError::Device(format!("CUDA: {e:?}"))
 }
 
 fn unsupported(what: String) -> EngineError {
@@ -243,13 +247,10 @@ impl GraphDecoder {
         }
         let candle = dev.cuda_stream();
         let ctx = candle.context().clone();
-        let w = |e: candle_core::cuda_backend::cudarc::driver::DriverError| {
-            EngineError::Device(format!("CUDA: {e:?}"))
-        };
-        let stream = ctx.new_stream().map_err(w)?;
+        let stream = ctx.new_stream().map_err(drv)?;
         let module = ctx
             .load_module(Ptx::from_binary(FATBIN.to_vec()))
-            .map_err(w)?;
+            .map_err(drv)?;
         let embed = mat(&plan.embed)?;
         let lm_head = mat(&plan.lm_head)?;
         let h = plan.hidden;
@@ -309,7 +310,7 @@ impl GraphDecoder {
             names.extend(BUCKETS.iter().map(|b| format!("mv_{t}_{b}")));
         }
         for name in names {
-            let f = module.load_function(&name).map_err(w)?;
+            let f = module.load_function(&name).map_err(drv)?;
             funcs.insert(name, f);
         }
         // scores of every position in shared memory: past the default 48 KiB a kernel
@@ -324,16 +325,16 @@ impl GraphDecoder {
                     sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                     att_smem as i32,
                 )
-                .map_err(w)?;
+                .map_err(drv)?;
         }
         let nb = MAX_BATCH;
         let half = plan.head_dim / 2;
         let inv: Vec<f32> = (0..half)
             .map(|i| 1f32 / plan.rope_base.powf((2 * i) as f32 / plan.head_dim as f32))
             .collect();
-        let z = |n: usize| stream.alloc_zeros::<f32>(n).map_err(w);
+        let z = |n: usize| stream.alloc_zeros::<f32>(n).map_err(drv);
         let mut inv_freq = z(half)?;
-        stream.memcpy_htod(&inv, &mut inv_freq).map_err(w)?;
+        stream.memcpy_htod(&inv, &mut inv_freq).map_err(drv)?;
         let buf = Buffers {
             x: z(nb * h)?,
             xn: z(nb * h)?,
@@ -342,8 +343,8 @@ impl GraphDecoder {
             act: z(nb * plan.intermediate)?,
             logits: z(nb * plan.vocab)?,
             part: z(nb * h.div_ceil(WARPS))?,
-            counter: stream.alloc_zeros::<u32>(1).map_err(w)?,
-            params: stream.alloc_zeros::<i32>(3 * nb + 1).map_err(w)?,
+            counter: stream.alloc_zeros::<u32>(1).map_err(drv)?,
+            params: stream.alloc_zeros::<i32>(3 * nb + 1).map_err(drv)?,
             inv_freq,
         };
         let at = Addrs {
@@ -358,7 +359,7 @@ impl GraphDecoder {
             params: dptr(&buf.params, &stream),
             inv_freq: dptr(&buf.inv_freq, &stream),
         };
-        stream.synchronize().map_err(w)?;
+        stream.synchronize().map_err(drv)?;
         let out_norm = ptr(&plan.out_norm, &stream)?;
         Ok(Self {
             plan,
@@ -403,7 +404,7 @@ impl GraphDecoder {
         b.arg(&a);
         // SAFETY: every pointer in `a` addresses a live buffer of the sizes the kernel reads
         // (checked shapes in `new`); rows beyond the step's batch size are never touched.
-        unsafe { b.launch(cfg) }.map_err(|e| EngineError::Device(format!("CUDA launch: {e:?}")))?;
+        unsafe { b.launch(cfg) }.map_err(drv)?;
         self.timed(label, t)
     }
 
@@ -411,9 +412,7 @@ impl GraphDecoder {
     /// time (launch included) under `label`, to see where a step's GPU time goes.
     fn timed(&self, label: &'static str, t: Option<std::time::Instant>) -> Result<()> {
         if self.eager && t.is_some() {
-            self.stream
-                .synchronize()
-                .map_err(|e| EngineError::Device(format!("CUDA: {e:?}")))?;
+            self.stream.synchronize().map_err(drv)?;
             crate::profile::stop(label, t);
         }
         Ok(())
@@ -434,7 +433,6 @@ impl GraphDecoder {
         let (x, qkv, att, act) = (a.x, a.qkv, a.att, a.act);
         let (xn, part, counter) = (a.xn, a.part, a.counter);
         let qkv_w = ((p.heads + 2 * p.kv_heads) * p.head_dim) as i32;
-        let err = |e| EngineError::Device(format!("CUDA launch: {e:?}"));
 
         let t = crate::profile::start();
         let f = &self.funcs[&format!("embed_{}", self.embed.tag)];
@@ -456,7 +454,7 @@ impl GraphDecoder {
         };
         // SAFETY: `x`/`xn` hold MAX_BATCH rows; token ids are checked against the vocab
         // before they are uploaded.
-        unsafe { lb.launch(cfg) }.map_err(err)?;
+        unsafe { lb.launch(cfg) }.map_err(drv)?;
         self.timed("gpu_embed", t)?;
 
         let base = MvArgs {
@@ -512,7 +510,7 @@ impl GraphDecoder {
                 shared_mem_bytes: self.att_smem,
             };
             // SAFETY: positions are < cap and slots < the pool's slots (checked in `step`).
-            unsafe { lb.launch(cfg) }.map_err(err)?;
+            unsafe { lb.launch(cfg) }.map_err(drv)?;
             self.timed("gpu_attention", t)?;
             let resid = |norm_next: u64| MvArgs {
                 y: x,
@@ -570,17 +568,14 @@ impl GraphDecoder {
     }
 
     fn capture(&self, nb: usize) -> Result<CudaGraph> {
-        let w = |e: candle_core::cuda_backend::cudarc::driver::DriverError| {
-            EngineError::Device(format!("CUDA: {e:?}"))
-        };
         self.stream
             .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
-            .map_err(w)?;
+            .map_err(drv)?;
         let queued = self.enqueue(nb);
         let g = self
             .stream
             .end_capture(sys::CUgraphInstantiate_flags_enum(0))
-            .map_err(w)?;
+            .map_err(drv)?;
         queued?;
         g.ok_or_else(|| unsupported("empty capture".into()))
     }
@@ -605,13 +600,10 @@ impl GraphDecoder {
         }
         params[3 * MAX_BATCH] = n as i32;
         let nb = *BUCKETS.iter().find(|&&b| b >= n).unwrap_or(&MAX_BATCH);
-        let w = |e: candle_core::cuda_backend::cudarc::driver::DriverError| {
-            EngineError::Device(format!("CUDA: {e:?}"))
-        };
-        self.stream.join(&self.candle).map_err(w)?;
+        self.stream.join(&self.candle).map_err(drv)?;
         self.stream
             .memcpy_htod(&params, &mut self.buf.params)
-            .map_err(w)?;
+            .map_err(drv)?;
         if self.eager {
             self.enqueue(nb)?;
         } else {
@@ -629,7 +621,7 @@ impl GraphDecoder {
                 }
             }
             match self.graphs.get(&nb) {
-                Some(g) if !self.eager => g.launch().map_err(w)?,
+                Some(g) if !self.eager => g.launch().map_err(drv)?,
                 _ => self.enqueue(nb)?,
             }
         }
@@ -637,8 +629,8 @@ impl GraphDecoder {
         let mut out = vec![0f32; n * v];
         self.stream
             .memcpy_dtoh(&self.buf.logits.slice(..n * v), &mut out)
-            .map_err(w)?;
-        self.stream.synchronize().map_err(w)?;
+            .map_err(drv)?;
+        self.stream.synchronize().map_err(drv)?;
         Ok(out)
     }
 }

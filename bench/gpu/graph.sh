@@ -54,11 +54,12 @@ for f in ["tinyllama-q4km", "tinyllama-q6k", "smollm2-q8_0", "smollm2-q4_0", "sm
           f" | margins exact {min(r['exact']['greedy_margins']):.3f}")
 PY
 
-step "same greedy outputs alone and batched (worker: graph up to 8 decoders, Candle beyond)"
+step "same greedy outputs alone and batched (worker: 12 and 28 at once, the graph's 16 and 32 buckets)"
 $B/llorch-cuda --model $M/smollm2-q8_0.gguf --cuda-device 0 --port 8392 --max-batch 32 --ctx-size 1024 --kv-cache-mib 2048 &
 WP=$!
 for i in $(seq 1 300); do curl -sf localhost:8392/health >/dev/null && break; sleep 0.5; done
-python3 bench/gpu/same_outputs.py http://127.0.0.1:8392
+python3 bench/gpu/same_outputs.py http://127.0.0.1:8392 12
+python3 bench/gpu/same_outputs.py http://127.0.0.1:8392 28
 kill $WP; wait $WP 2>/dev/null
 
 step "decode speed: graph vs Candle (512-token prompt, 128 tokens)"

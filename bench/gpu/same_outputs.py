@@ -1,7 +1,7 @@
 """Greedy outputs of a worker on the GPU are the same alone and in a batch (graph buckets).
 
-Sends each prompt alone, then all of them at once (and the first one several times), and
-compares the texts. Usage: python3 same_outputs.py URL
+Sends each prompt alone, then N requests at once (the prompts, then the first one again),
+and compares the texts. Usage: python3 same_outputs.py URL [N=12]
 """
 import json
 import sys
@@ -21,7 +21,8 @@ def complete(prompt):
 
 
 alone = {p: complete(p) for p in PROMPTS}
-batch = PROMPTS + [PROMPTS[0]] * 5  # 12 at once: the 16-row bucket
+N = int(sys.argv[2]) if len(sys.argv) > 2 else 12  # 12: the 16-sequence bucket
+batch = PROMPTS + [PROMPTS[0]] * (N - len(PROMPTS))
 out = [None] * len(batch)
 
 

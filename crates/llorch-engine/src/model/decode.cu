@@ -13,12 +13,15 @@
 // The RMS norms are fused: kernels that write the residual stream also leave each row's
 // 1/rms (`rs`) for the next kernel, which scales its input on load.
 
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
 
 typedef unsigned int u32;
 
-#define WARPS 8            // warps per block in the matrix-vector kernels
+#ifndef WARPS
+#define WARPS 8  // warps per block in the matrix-vector kernels
+#endif
 #define MODE_PLAIN 0       // y = W x (+ bias)
 #define MODE_RESID 1       // y += W x, then 1/rms of each y row into rs_out
 #define MODE_GLU 2         // y = silu(W_gate x) * (W_up x); W is [gate; up], rows = |gate|
@@ -74,6 +77,17 @@ __device__ __forceinline__ u32 byte_of(const u32* s, int i) {
     return (s[i >> 2] >> (8 * (i & 3))) & 0xFF;
 }
 
+// Scale and min of Q4_K sub-block `jj` (0..7) from the 12 packed bytes.
+__device__ __forceinline__ void q4k_scale(const u32* sc, int jj, float& s, float& m) {
+    if (jj < 4) {
+        s = byte_of(sc, jj) & 63;
+        m = byte_of(sc, jj + 4) & 63;
+    } else {
+        s = (byte_of(sc, jj + 4) & 0xF) | ((byte_of(sc, jj - 4) >> 6) << 4);
+        m = (byte_of(sc, jj + 4) >> 4) | ((byte_of(sc, jj) >> 6) << 4);
+    }
+}
+
 // A warp covers 1024 columns of a row per step: each lane dequantizes 32 weights, 16 at
 // columns c0.. and 16 at c0 + X.. (X: where the layout puts the high nibbles; 16 makes the
 // 32 columns contiguous). Few wide loads per lane: the kernels are bound by load
@@ -98,17 +112,8 @@ __device__ __forceinline__ bool load32(const uint8_t* row, int k, int g, int lan
             sc[2] = ((const u32*)(b + 4))[2];
             const int j = part >> 1, b0 = (part & 1) * 16;
             float s[2], m[2];
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const int jj = 2 * j + h;
-                if (jj < 4) {
-                    s[h] = byte_of(sc, jj) & 63;
-                    m[h] = byte_of(sc, jj + 4) & 63;
-                } else {
-                    s[h] = (byte_of(sc, jj + 4) & 0xF) | ((byte_of(sc, jj - 4) >> 6) << 4);
-                    m[h] = (byte_of(sc, jj + 4) >> 4) | ((byte_of(sc, jj) >> 6) << 4);
-                }
-            }
+            q4k_scale(sc, 2 * j, s[0], m[0]);
+            q4k_scale(sc, 2 * j + 1, s[1], m[1]);
             const float d0 = dm.x * s[0], n0 = dm.y * m[0], d1 = dm.x * s[1], n1 = dm.y * m[1];
             const uint4 q = *(const uint4*)(b + 16 + 32 * j + b0);
             const u32 qq[4] = {q.x, q.y, q.z, q.w};
@@ -216,89 +221,20 @@ __device__ __forceinline__ void load_x(const MvArgs& a, int i, int c0, float* xv
     }
 }
 
-// One warp per output row (GLU: the gate row and its up row), reading every weight once
-// for all NB input rows. A row is only a few 16-byte loads per lane, unrolled so they are
-// all in flight at once: these kernels are bound by memory latency, not instructions.
-template <int QT, int NB>
-__device__ void matvec(const MvArgs& a) {
-    constexpr int X = Layout<QT>::X;
-    const int n = *a.n;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const bool glu = a.mode == MODE_GLU;
-    const int r = blockIdx.x * WARPS + warp;
-    float acc[NB], acc2[NB];
-#pragma unroll
-    for (int i = 0; i < NB; ++i) acc[i] = acc2[i] = 0.f;
-    if (r < a.rows) {
-        const uint8_t* row = a.w + (size_t)r * a.row_bytes;
-        const uint8_t* row2 = a.w + (size_t)(glu ? r + a.rows : r) * a.row_bytes;
-        const int ng = (a.k + 1023) / 1024;
-#pragma unroll 4
-        for (int g = 0; g < ng; ++g) {
-            float w[32], w2[32];
-            int c0;
-            if (!load32<QT>(row, a.k, g, lane, w, c0)) continue;
-            if (glu) load32<QT>(row2, a.k, g, lane, w2, c0);
-#pragma unroll
-            for (int i = 0; i < NB; ++i) {
-                if (i < n) {
-                    float xv[32];
-                    load_x<X>(a, i, c0, xv);
-                    float s = 0.f, s2 = 0.f;
-#pragma unroll
-                    for (int e = 0; e < 32; ++e) s += w[e] * xv[e];
-                    acc[i] += s;
-                    if (glu) {
-#pragma unroll
-                        for (int e = 0; e < 32; ++e) s2 += w2[e] * xv[e];
-                        acc2[i] += s2;
-                    }
-                }
-            }
-        }
-    }
-    __shared__ float sq[WARPS][NB];
-#pragma unroll
-    for (int i = 0; i < NB; ++i) {
-        if (i < n) {
-            const float v = warp_sum(acc[i]);
-            const float v2 = glu ? warp_sum(acc2[i]) : 0.f;
-            float out = 0.f;
-            if (lane == 0 && r < a.rows) {
-                float* yp = a.y + (size_t)i * a.ldy + r;
-                if (a.mode == MODE_RESID) {
-                    out = *yp + v;
-                } else if (glu) {
-                    out = v / (1.f + expf(-v)) * v2;
-                } else {
-                    out = a.bias ? v + a.bias[r] : v;
-                }
-                *yp = out;
-            }
-            if (a.mode == MODE_RESID && lane == 0) sq[warp][i] = out * out;
-        }
-    }
-    if (a.mode != MODE_RESID) return;
-    // The residual stream's next reader wants it RMS-normed: per-block partial sums of
-    // squares, then the last block to finish sums them in a fixed order (deterministic,
-    // unlike float atomics) and writes the normed copy `xn`.
+// The residual stream's next reader wants it RMS-normed: once every block has written its
+// partial sums of squares (`part[row * gridDim.x + block]`), the last block to finish sums
+// them in a fixed order (deterministic, unlike float atomics) and writes the normed copy
+// `xn` of the `n` rows.
+__device__ void resid_tail(const MvArgs& a, int n) {
+    __shared__ bool last;
+    __shared__ float rs[32];
     __threadfence();
     __syncthreads();
-    const int t = threadIdx.x;
-    if (t < n) {
-        float s = 0.f;
-#pragma unroll
-        for (int w = 0; w < WARPS; ++w) s += sq[w][t];
-        a.part[(size_t)t * gridDim.x + blockIdx.x] = s;
-        __threadfence();
-    }
-    __shared__ bool last;
-    __shared__ float rs[NB];
-    __syncthreads();
+    const int t = threadIdx.x, lane = t & 31, warp = t >> 5, nw = blockDim.x >> 5;
     if (t == 0) last = atomicAdd(a.counter, 1u) == gridDim.x - 1;
     __syncthreads();
     if (!last) return;
-    for (int i = warp; i < n; i += WARPS) {
+    for (int i = warp; i < n; i += nw) {
         float s = 0.f;
         for (int b = lane; b < (int)gridDim.x; b += 32)
             s += __ldcg(a.part + (size_t)i * gridDim.x + b);
@@ -310,6 +246,348 @@ __device__ void matvec(const MvArgs& a) {
         for (int c = t; c < a.rows; c += blockDim.x)
             a.xn[(size_t)i * a.rows + c] = __ldcg(a.y + (size_t)i * a.ldy + c) * rs[i] * a.norm_next[c];
     if (t == 0) *a.counter = 0;
+}
+
+// `WPR` warps per output row (GLU: another WPR for its up row), reading every weight once
+// for all NB input rows; each warp takes every WPR-th 1024-column step of the row, so a
+// row of the model's widths is one or two steps per warp with all loads in flight at
+// once: these kernels are bound by memory latency, not bytes. The mode is a template
+// parameter and each warp reads one row, so a kernel holds only the registers its mode
+// needs (occupancy).
+#ifndef WPR
+#define WPR 1
+#endif
+
+template <int QT, int NB, int MODE>
+__device__ void matvec(const MvArgs& a) {
+    constexpr int X = Layout<QT>::X;
+    constexpr bool glu = MODE == MODE_GLU;
+    constexpr int WR = glu ? 2 * WPR : WPR;  // warps per output row
+    constexpr int RB = WARPS / WR;           // output rows per block
+    const int n = *a.n;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int rb = warp / WR, within = warp % WR, half = within / WPR, sub = within % WPR;
+    const int r = blockIdx.x * RB + rb;
+    float acc[NB];
+#pragma unroll
+    for (int i = 0; i < NB; ++i) acc[i] = 0.f;
+    if (r < a.rows) {
+        const uint8_t* row = a.w + (size_t)(r + half * a.rows) * a.row_bytes;
+        const int ng = (a.k + 1023) / 1024;
+        for (int g = sub; g < ng; g += WPR) {
+            float w[32];
+            int c0;
+            if (!load32<QT>(row, a.k, g, lane, w, c0)) continue;
+#pragma unroll
+            for (int i = 0; i < NB; ++i) {
+                if (i < n) {
+                    float xv[32];
+                    load_x<X>(a, i, c0, xv);
+                    float s = 0.f;
+#pragma unroll
+                    for (int e = 0; e < 32; ++e) s += w[e] * xv[e];
+                    acc[i] += s;
+                }
+            }
+        }
+    }
+    // each warp's sums, then the row's first warp adds its row's warps in a fixed order
+    __shared__ float red[WARPS][NB];
+#pragma unroll
+    for (int i = 0; i < NB; ++i) {
+        if (i < n) {
+            const float v = warp_sum(acc[i]);
+            if (lane == 0) red[warp][i] = v;
+        }
+    }
+    if (WR > 1) __syncthreads();
+    else __syncwarp();
+    __shared__ float sq[RB][NB];
+    if (within == 0 && lane < n && lane < NB) {
+        const int i = lane;
+        float v = 0.f, v2 = 0.f;
+#pragma unroll
+        for (int s = 0; s < WPR; ++s) {
+            v += red[warp + s][i];
+            if (glu) v2 += red[warp + WPR + s][i];
+        }
+        float out = 0.f;
+        if (r < a.rows) {
+            float* yp = a.y + (size_t)i * a.ldy + r;
+            if (MODE == MODE_RESID) {
+                out = *yp + v;
+            } else if (glu) {
+                out = v / (1.f + expf(-v)) * v2;
+            } else {
+                out = a.bias ? v + a.bias[r] : v;
+            }
+            *yp = out;
+        }
+        if (MODE == MODE_RESID) sq[rb][i] = out * out;
+    }
+    if (MODE != MODE_RESID) return;
+    __syncthreads();
+    const int t = threadIdx.x;
+    if (t < n) {
+        float s = 0.f;
+#pragma unroll
+        for (int w = 0; w < RB; ++w) s += sq[w][t];
+        a.part[(size_t)t * gridDim.x + blockIdx.x] = s;
+    }
+    resid_tail(a, n);
+}
+
+// ---- Batches of 8 to 32 sequences: tensor cores --------------------------------------
+// Y[NB, rows] = X[NB, k] W^T with `mma.m16n8k16` (bf16 inputs, f32 sums): the sequences are
+// the A operand (16 per tile, X rounded to bf16 on load), the weight rows the B operand
+// (8 per tile, dequantized to bf16 in registers), so every weight byte is read once per
+// step for all sequences. Not the exact product of the f32 path: inputs and weights are
+// rounded to bf16 (f16 would be 8x more precise, but activations of real models exceed
+// its range), unless MM_SPLIT (the default) adds the products of what the rounding left:
+// then the error is near f32's. `bench/gpu/kernels.py` measures it against the f32 kernels.
+//
+// Within a 64-column group the order of columns inside the 16-wide k slices does not
+// matter as long as A and B agree, so thread t of a quad takes 16 weights whose bytes are
+// adjacent (`mm_group`) and reads the same columns of X, a float4 per slice and row.
+// Slice s (0..3) of the group holds the thread's columns col(s, t) .. +3: the K types keep
+// a byte's two nibbles 32 columns apart, the 32-column blocks 16 apart.
+template <int QT>
+__device__ __forceinline__ int mm_col(int s, int t) {
+    return QT == T_Q4_K || QT == T_Q6_K ? (s >> 1) * 32 + (s & 1) * 4 + 8 * t
+                                        : (s >> 1) * 32 + (s & 1) * 16 + 4 * t;
+}
+
+__device__ __forceinline__ u32 h2(float a, float b) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+    return *(const u32*)&h;
+}
+
+// What bf16 rounding left of a pair packed by h2: with MM_SPLIT, a product is taken as
+// hi*hi + hi*lo + lo*hi (three tensor-core products), about f32's precision.
+__device__ __forceinline__ u32 h2lo(float a, float b, u32 hi) {
+    const float2 f = __bfloat1622float2(*(const __nv_bfloat162*)&hi);
+    return h2(a - f.x, b - f.y);
+}
+#ifndef MM_SPLIT
+#define MM_SPLIT 1
+#endif
+
+// Thread t's weights of 64-column group G of a row, as bf16 pairs in B-fragment order:
+// h[2s] = columns col(s,t), +1; h[2s+1] = col(s,t) + 2, +3.
+template <int QT>
+__device__ __forceinline__ void mm_group(const uint8_t* row, int G, int t, u32* h, u32* lo) {
+    float v[16];  // v[4s + e]: column col(s, t) + e
+    if (QT == T_Q4_K) {
+        // bytes 8t..8t+7 of sub-block pair j: low nibbles are columns 8t.., high 32+8t..
+        const uint8_t* b = row + (size_t)(G >> 2) * 144;
+        const int j = G & 3;
+        const float2 dm = __half22float2(*(const __half2*)b);
+        u32 sc[3];
+        sc[0] = ((const u32*)(b + 4))[0];
+        sc[1] = ((const u32*)(b + 4))[1];
+        sc[2] = ((const u32*)(b + 4))[2];
+        float s0, m0, s1, m1;
+        q4k_scale(sc, 2 * j, s0, m0);
+        q4k_scale(sc, 2 * j + 1, s1, m1);
+        const float d0 = dm.x * s0, n0 = dm.y * m0, d1 = dm.x * s1, n1 = dm.y * m1;
+        const uint2 q = *(const uint2*)(b + 16 + 32 * j + 8 * t);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            const u32 by = ((e < 4 ? q.x : q.y) >> (8 * (e & 3))) & 0xFF;
+            v[e] = d0 * u2f(by & 0xF) - n0;        // slices 0, 1
+            v[8 + e] = d1 * u2f(by >> 4) - n1;     // slices 2, 3
+        }
+    } else if (QT == T_Q6_K) {
+        // group G is quarters (2(G&1), 2(G&1)+1) of half G/2 % 2 of super-block G/4; a
+        // quarter's column l has its low bits in ql[l (+32 for odd quarters)] (high nibble
+        // for quarters 2, 3) and its top two in qh[l]
+        const uint8_t* b = row + (size_t)(G >> 2) * 210;
+        const int nh = (G >> 1) & 1, qa = 2 * (G & 1);
+        const float d = ldh(b + 208);
+        const int8_t* sc = (const int8_t*)(b + 192 + 8 * nh);
+        const uint8_t* ql = b + 64 * nh;
+        const uint8_t* qh = b + 128 + 32 * nh;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {  // slices 2h, 2h+1: quarter qa + h, columns l = 8t..8t+7
+            const int q = qa + h;
+            const u32 l0 = ld16x2(ql + 32 * (q & 1) + 8 * t), l1 = ld16x2(ql + 32 * (q & 1) + 8 * t + 4);
+            const u32 h0 = ld16x2(qh + 8 * t), h1 = ld16x2(qh + 8 * t + 4);
+            const float sd = d * (float)sc[(8 * t) / 16 + 2 * q];
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                const u32 lb = ((e < 4 ? l0 : l1) >> (8 * (e & 3))) & 0xFF;
+                const u32 hb = ((e < 4 ? h0 : h1) >> (8 * (e & 3))) & 0xFF;
+                const u32 x = ((lb >> (4 * (q >> 1))) & 0xF) | (((hb >> (2 * q)) & 3) << 4);
+                v[8 * h + e] = sd * (u2f(x) - 32.f);
+            }
+        }
+    } else {
+        // two 32-column blocks, 2G (slices 0, 1) and 2G+1 (slices 2, 3): byte j holds
+        // column j in its low nibble and j + 16 in its high one (Q8_0: column j)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int blk = 2 * G + h;
+            if (QT == T_Q8_0) {
+                const uint8_t* b = row + (size_t)blk * 34;
+                const float d = ldh(b);
+                // columns 4t..4t+3 (slice 2h) and 16+4t.. (slice 2h+1)
+                const u32 lo = ld16x2(b + 2 + 4 * t), hi = ld16x2(b + 2 + 16 + 4 * t);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    v[8 * h + e] = (u2f(((lo >> (8 * e)) & 0xFF) ^ 0x80) - 128.f) * d;
+                    v[8 * h + 4 + e] = (u2f(((hi >> (8 * e)) & 0xFF) ^ 0x80) - 128.f) * d;
+                }
+            } else {
+                const int bs = QT == T_Q4_0 ? 18 : QT == T_Q4_1 ? 20 : 22;
+                const int hdr = QT == T_Q4_0 ? 2 : QT == T_Q4_1 ? 4 : 6;
+                const uint8_t* b = row + (size_t)blk * bs;
+                float d, mn = 0.f;
+                if (QT == T_Q4_1) {
+                    const float2 dm = __half22float2(*(const __half2*)b);
+                    d = dm.x;
+                    mn = dm.y;
+                } else {
+                    d = ldh(b);
+                }
+                const u32 qh = QT == T_Q5_0 ? ld16x2(b + 2) : 0;
+                // bytes 4t..4t+3: columns 4t.. (low nibbles), 16+4t.. (high nibbles)
+                const u32 q = ld16x2(b + hdr + 4 * t);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int c = 4 * t + e;
+                    const u32 by = (q >> (8 * e)) & 0xFF;
+                    u32 x0 = by & 0xF, x1 = by >> 4;
+                    if (QT == T_Q5_0) {
+                        x0 |= ((qh >> c) << 4) & 0x10;
+                        x1 |= (qh >> (c + 12)) & 0x10;
+                    }
+                    const float off = QT == T_Q4_0 ? 8.f : QT == T_Q5_0 ? 16.f : 0.f;
+                    v[8 * h + e] = QT == T_Q4_1 ? u2f(x0) * d + mn : (u2f(x0) - off) * d;
+                    v[8 * h + 4 + e] = QT == T_Q4_1 ? u2f(x1) * d + mn : (u2f(x1) - off) * d;
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
+        h[2 * s] = h2(v[4 * s], v[4 * s + 1]);
+        h[2 * s + 1] = h2(v[4 * s + 2], v[4 * s + 3]);
+        if (MM_SPLIT) {
+            lo[2 * s] = h2lo(v[4 * s], v[4 * s + 1], h[2 * s]);
+            lo[2 * s + 1] = h2lo(v[4 * s + 2], v[4 * s + 3], h[2 * s + 1]);
+        }
+    }
+}
+
+__device__ __forceinline__ void mma16816(float* c, const u32* a, u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+#define MM_WARPS 8  // warps per block, each summing every MM_WARPS-th 64-column group
+#define MM_ROWS 16  // output rows per block (two 8-row tiles; SwiGLU: and their up rows)
+
+template <int QT, int NB, int MODE>
+__device__ void matmul(const MvArgs& a) {
+    constexpr bool glu = MODE == MODE_GLU;
+    constexpr int MT = (NB + 15) / 16;  // 16-sequence tiles
+    constexpr int NT = glu ? 4 : 2;     // 8-row weight tiles
+    const int n = *a.n;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const int r0 = blockIdx.x * MM_ROWS;
+    const uint8_t* rows[NT];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+        const int r = min(r0 + 8 * (j & 1) + g, a.rows - 1) + (j >> 1) * a.rows;
+        rows[j] = a.w + (size_t)r * a.row_bytes;
+    }
+    float acc[MT][NT][4];
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[m][j][e] = 0.f;
+    // split over the warps along k: short chains of dependent loads per warp, many in flight
+    const int groups = a.k / 64;
+    for (int G = warp; G < groups; G += MM_WARPS) {
+        u32 w[NT][8], wl[NT][MM_SPLIT ? 8 : 1];
+#pragma unroll
+        for (int j = 0; j < NT; ++j) mm_group<QT>(rows[j], G, t, w[j], wl[j]);
+#pragma unroll
+        for (int s = 0; s < 4; ++s) {
+            const int c = 64 * G + mm_col<QT>(s, t);
+#pragma unroll
+            for (int m = 0; m < MT; ++m) {
+                // sequences g and g + 8 of the tile; those past `n` read stale rows of the
+                // buffer, and their outputs are dropped
+                const float4 x0 = *(const float4*)(a.x + (size_t)(16 * m + g) * a.k + c);
+                const float4 x1 = *(const float4*)(a.x + (size_t)(16 * m + g + 8) * a.k + c);
+                const u32 af[4] = {h2(x0.x, x0.y), h2(x1.x, x1.y), h2(x0.z, x0.w), h2(x1.z, x1.w)};
+#pragma unroll
+                for (int j = 0; j < NT; ++j) mma16816(acc[m][j], af, w[j][2 * s], w[j][2 * s + 1]);
+                if (MM_SPLIT) {
+                    const u32 al[4] = {h2lo(x0.x, x0.y, af[0]), h2lo(x1.x, x1.y, af[1]),
+                                       h2lo(x0.z, x0.w, af[2]), h2lo(x1.z, x1.w, af[3])};
+#pragma unroll
+                    for (int j = 0; j < NT; ++j) {
+                        mma16816(acc[m][j], al, w[j][2 * s], w[j][2 * s + 1]);
+                        mma16816(acc[m][j], af, wl[j][2 * s], wl[j][2 * s + 1]);
+                    }
+                }
+            }
+        }
+    }
+    // the warps' partial tiles, summed in a fixed order (deterministic)
+    __shared__ float red[MM_WARPS][MT * NT * 4][32];
+    __shared__ float outs[32][MM_ROWS];  // RESID: outputs, for the sums of squares
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) red[warp][(m * NT + j) * 4 + e][lane] = acc[m][j][e];
+    __syncthreads();
+    // element q: lane ql of tile (m, j < 2), fragment entry e = sequence 16m + ql/4 (+8 for
+    // e >= 2), output row r0 + 8j + 2(ql%4) + e%2
+    for (int q = threadIdx.x; q < MT * 2 * 4 * 32; q += blockDim.x) {
+        const int ql = q & 31, e = (q >> 5) & 3, m = q >> 8, j = (q >> 7) & 1;
+        float v = 0.f, v2 = 0.f;
+#pragma unroll
+        for (int w = 0; w < MM_WARPS; ++w) {
+            v += red[w][(m * NT + j) * 4 + e][ql];
+            if (glu) v2 += red[w][(m * NT + j + 2) * 4 + e][ql];
+        }
+        const int i = 16 * m + (ql >> 2) + 8 * (e >> 1), rl = 8 * j + 2 * (ql & 3) + (e & 1);
+        const int r = r0 + rl;
+        float out = 0.f;
+        if (i < n && r < a.rows) {
+            float* yp = a.y + (size_t)i * a.ldy + r;
+            if (MODE == MODE_RESID) {
+                out = *yp + v;
+            } else if (glu) {
+                out = v / (1.f + expf(-v)) * v2;
+            } else {
+                out = a.bias ? v + a.bias[r] : v;
+            }
+            *yp = out;
+        }
+        if (MODE == MODE_RESID) outs[i][rl] = out;
+    }
+    if constexpr (MODE == MODE_RESID) {
+        __syncthreads();
+        const int tt = threadIdx.x;
+        if (tt < n) {
+            float v = 0.f;
+#pragma unroll
+            for (int rl = 0; rl < MM_ROWS; ++rl) v += outs[tt][rl] * outs[tt][rl];
+            a.part[(size_t)tt * gridDim.x + blockIdx.x] = v;
+        }
+        resid_tail(a, n);
+    }
 }
 
 // Token embeddings into the residual stream `x`, and their RMS-normed copy `xn` (by the
@@ -350,14 +628,15 @@ __device__ void embed(const uint8_t* table, unsigned long long row_bytes, int hi
         xn[(size_t)i * hidden + c] = x[(size_t)i * hidden + c] * rs * nw[c];
 }
 
-// Decode attention for one (query head, sequence): RoPE on the new query and key, the new
+// Decode attention for one (query head, sequence), for small batches (a block per query
+// head keeps the GPU busy where a block per KV head would leave it idle): RoPE on the new query and key, the new
 // key/value written to the sequence's KV slot (by the group's first head), then softmax
 // over positions 0..=pos in two passes over a score row in shared memory (dynamic,
 // `cap` floats): scores with one position per thread (many independent loads in flight),
 // then values with threads over (position group, dimension). The new position is read
 // from shared memory, so heads of the same group never wait on each other's writes.
 template <int D>
-__device__ void attention(const float* qkv, int ldq, float* out, float* kc, float* vc,
+__device__ void attention_head(const float* qkv, int ldq, float* out, float* kc, float* vc,
                           int heads, int kv_heads, int cap, const float* inv_freq,
                           int interleaved, const int* pos_a, const int* slot_a, const int* n,
                           float scale) {
@@ -449,17 +728,173 @@ __device__ void attention(const float* qkv, int ldq, float* out, float* kc, floa
     }
 }
 
-#define MV(NAME, QT, NB) \
-    extern "C" __global__ void __launch_bounds__(WARPS * 32) NAME(MvArgs a) { matvec<QT, NB>(a); }
+// Decode attention for one (KV head, sequence) and all the query heads that share it
+// (grouped-query attention): RoPE on the new queries and key, the new key/value written to
+// the sequence's KV slot, then softmax over positions 0..=pos in two passes over score
+// rows in shared memory (dynamic, `group * cap` floats). Each cached key and value is read
+// once for the whole group: a block per query head would read them `group` times.
+#define ATT_THREADS 256
+#define ATT_GMAX 8  // query heads per KV head at most
+template <int D>
+__device__ void attention_group(const float* qkv, int ldq, float* out, float* kc, float* vc,
+                          int heads, int kv_heads, int cap, const float* inv_freq,
+                          int interleaved, const int* pos_a, const int* slot_a, const int* n,
+                          float scale) {
+    const int i = blockIdx.y;
+    if (i >= *n) return;
+    const int kvh = blockIdx.x, group = heads / kv_heads;
+    const int pos = pos_a[i], slot = slot_a[i];
+    const int t = threadIdx.x, lane = t & 31, warp = t >> 5;
+    constexpr int NW = ATT_THREADS / 32;
+    extern __shared__ float sc[];  // [group][cap]
+    __shared__ __align__(16) float qs[ATT_GMAX][D];
+    __shared__ __align__(16) float kn[D];
+    __shared__ __align__(16) float vn[D];
+    __shared__ float red[NW][ATT_GMAX];
+    __shared__ float mxs[ATT_GMAX], den[ATT_GMAX];
+    __shared__ __align__(16) float part[ATT_THREADS / (D / 4)][ATT_GMAX][D];
+    const float* row = qkv + (size_t)i * ldq;
+    for (int u = t; u < (group + 1) * (D / 2); u += ATT_THREADS) {
+        const int hh = u / (D / 2), p = u % (D / 2);  // hh == group: the key
+        const int a = interleaved ? 2 * p : p;
+        const int b = interleaved ? 2 * p + 1 : p + D / 2;
+        const float* src = hh < group ? row + (kvh * group + hh) * D : row + (heads + kvh) * D;
+        float sn, cs;
+        sincosf((float)pos * inv_freq[p], &sn, &cs);
+        const float x0 = src[a] * cs - src[b] * sn, x1 = src[a] * sn + src[b] * cs;
+        float* dst = hh < group ? qs[hh] : kn;
+        dst[a] = x0;
+        dst[b] = x1;
+    }
+    if (t < D) vn[t] = row[(heads + kv_heads + kvh) * D + t];
+    __syncthreads();
+    const size_t base = ((size_t)slot * kv_heads + kvh) * (size_t)cap * D;
+    float* kb = kc + base;
+    float* vb = vc + base;
+    if (t < D) {
+        kb[(size_t)pos * D + t] = kn[t];
+        vb[(size_t)pos * D + t] = vn[t];
+    }
+    // pass 1: scores of every head of the group, one position per thread
+    float mx[ATT_GMAX];
+#pragma unroll
+    for (int h = 0; h < ATT_GMAX; ++h) mx[h] = -INFINITY;
+    for (int j = t; j <= pos; j += ATT_THREADS) {
+        const float* kr = j == pos ? kn : kb + (size_t)j * D;
+        float d[ATT_GMAX];
+#pragma unroll
+        for (int h = 0; h < ATT_GMAX; ++h) d[h] = 0.f;
+#pragma unroll 4
+        for (int e = 0; e < D; e += 4) {
+            const float4 kv = *(const float4*)(kr + e);
+#pragma unroll
+            for (int h = 0; h < ATT_GMAX; ++h)
+                if (h < group)
+                    d[h] += qs[h][e] * kv.x + qs[h][e + 1] * kv.y + qs[h][e + 2] * kv.z +
+                            qs[h][e + 3] * kv.w;
+        }
+#pragma unroll
+        for (int h = 0; h < ATT_GMAX; ++h)
+            if (h < group) {
+                sc[h * cap + j] = d[h] * scale;
+                mx[h] = fmaxf(mx[h], d[h] * scale);
+            }
+    }
+#pragma unroll
+    for (int h = 0; h < ATT_GMAX; ++h) {
+        if (h < group) {
+            float v = mx[h];
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+            if (lane == 0) red[warp][h] = v;
+        }
+    }
+    __syncthreads();
+    if (t < group) {
+        float v = red[0][t];
+        for (int w = 1; w < NW; ++w) v = fmaxf(v, red[w][t]);
+        mxs[t] = v;
+    }
+    __syncthreads();
+    // probabilities (unnormalized) and their sums
+    for (int u = t; u < group * (pos + 1); u += ATT_THREADS) {
+        const int h = u / (pos + 1), j = u % (pos + 1);
+        sc[h * cap + j] = expf(sc[h * cap + j] - mxs[h]);
+    }
+    __syncthreads();
+    for (int h = warp; h < group; h += NW) {
+        float v = 0.f;
+        for (int j = lane; j <= pos; j += 32) v += sc[h * cap + j];
+        v = warp_sum(v);
+        if (lane == 0) den[h] = v;
+    }
+    // pass 2: values, threads over (position group, 4 dimensions), every head at once;
+    // eight 16-byte loads in flight per thread (this loop is bound by load latency)
+    constexpr int DQ = D / 4, PG = ATT_THREADS / DQ;
+    const int gi = t / DQ, dq = t % DQ;
+    float o[ATT_GMAX][4];
+#pragma unroll
+    for (int h = 0; h < ATT_GMAX; ++h) o[h][0] = o[h][1] = o[h][2] = o[h][3] = 0.f;
+    for (int j0 = gi; j0 <= pos; j0 += 8 * PG) {
+        float4 v[8];
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+            const int j = j0 + u * PG;
+            v[u] = j < pos ? *(const float4*)(vb + (size_t)j * D + 4 * dq)
+                           : j == pos ? *(const float4*)(vn + 4 * dq) : make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+            const int j = j0 + u * PG;
+            if (j > pos) break;
+#pragma unroll
+            for (int h = 0; h < ATT_GMAX; ++h)
+                if (h < group) {
+                    const float p = sc[h * cap + j];
+                    o[h][0] += p * v[u].x;
+                    o[h][1] += p * v[u].y;
+                    o[h][2] += p * v[u].z;
+                    o[h][3] += p * v[u].w;
+                }
+        }
+    }
+#pragma unroll
+    for (int h = 0; h < ATT_GMAX; ++h)
+        if (h < group) *(float4*)&part[gi][h][4 * dq] = make_float4(o[h][0], o[h][1], o[h][2], o[h][3]);
+    __syncthreads();
+    for (int u = t; u < group * D; u += ATT_THREADS) {
+        const int h = u / D, d2 = u % D;
+        float v = 0.f;
+#pragma unroll
+        for (int g2 = 0; g2 < PG; ++g2) v += part[g2][h][d2];
+        out[(size_t)i * heads * D + (kvh * group + h) * D + d2] = v / den[h];
+    }
+}
+
+#define MV(NAME, QT, NB, MODE) \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32) NAME(MvArgs a) { matvec<QT, NB, MODE>(a); }
+#define MV_MODES(TAG, QT, NB)                   \
+    MV(mv_##TAG##_p##NB, QT, NB, MODE_PLAIN)    \
+    MV(mv_##TAG##_r##NB, QT, NB, MODE_RESID)    \
+    MV(mv_##TAG##_g##NB, QT, NB, MODE_GLU)
+#define MM(NAME, QT, NB, MODE) \
+    extern "C" __global__ void __launch_bounds__(MM_WARPS * 32) NAME(MvArgs a) { matmul<QT, NB, MODE>(a); }
+#define MM_MODES(TAG, QT, NB)                   \
+    MM(mm_##TAG##_p##NB, QT, NB, MODE_PLAIN)    \
+    MM(mm_##TAG##_r##NB, QT, NB, MODE_RESID)    \
+    MM(mm_##TAG##_g##NB, QT, NB, MODE_GLU)
 #define MV_ALL(TAG, QT)           \
-    MV(mv_##TAG##_1, QT, 1)       \
-    MV(mv_##TAG##_2, QT, 2)       \
-    MV(mv_##TAG##_4, QT, 4)       \
-    MV(mv_##TAG##_8, QT, 8)       \
+    MM_MODES(TAG, QT, 8)          \
+    MM_MODES(TAG, QT, 16)         \
+    MM_MODES(TAG, QT, 32)         \
+    MV_MODES(TAG, QT, 1)          \
+    MV_MODES(TAG, QT, 2)          \
+    MV_MODES(TAG, QT, 4)          \
+    MV_MODES(TAG, QT, 8)          \
     extern "C" __global__ void embed_##TAG(const uint8_t* table, unsigned long long row_bytes, \
                                            int hidden, const int* tok, const int* n, float* x, \
                                            float* xn, const float* nw, float eps) {            \
-        embed<QT>(table, row_bytes, hidden, tok, n, x, xn, nw, eps);                           \
+        embed<QT>(table, row_bytes, hidden, tok, n, x, xn, nw, eps);             \
     }
 
 MV_ALL(q4_0, T_Q4_0)
@@ -470,12 +905,19 @@ MV_ALL(q4_k, T_Q4_K)
 MV_ALL(q6_k, T_Q6_K)
 
 #define ATT(D)                                                                                  \
-    extern "C" __global__ void __launch_bounds__(1024) attention_##D(                            \
+    extern "C" __global__ void __launch_bounds__(1024) attention_head_##D(                       \
         const float* qkv, int ldq, float* out, float* kc, float* vc, int heads, int kv_heads,  \
         int cap, const float* inv_freq, int interleaved, const int* pos, const int* slot,      \
-        const int* n, float scale) {                                                            \
-        attention<D>(qkv, ldq, out, kc, vc, heads, kv_heads, cap, inv_freq, interleaved, pos,  \
-                     slot, n, scale);                                                           \
+        const int* n, float scale) {            \
+        attention_head<D>(qkv, ldq, out, kc, vc, heads, kv_heads, cap, inv_freq, interleaved,  \
+                          pos, slot, n, scale);                                   \
+    }                                                                                           \
+    extern "C" __global__ void __launch_bounds__(ATT_THREADS) attention_group_##D(               \
+        const float* qkv, int ldq, float* out, float* kc, float* vc, int heads, int kv_heads,  \
+        int cap, const float* inv_freq, int interleaved, const int* pos, const int* slot,      \
+        const int* n, float scale) {            \
+        attention_group<D>(qkv, ldq, out, kc, vc, heads, kv_heads, cap, inv_freq, interleaved, \
+                           pos, slot, n, scale);                                  \
     }
 
 ATT(64)

@@ -1031,18 +1031,20 @@ impl FamilyModel {
         })
     }
 
-    /// Decode items (one token, cache in the pool) go through the CUDA graph when there
-    /// are at most `graph::MAX_BATCH` of them; the other items of the step (prefill chunks,
-    /// caches outside the pool) through Candle. `None` when nothing fits the graph.
+    /// Decode items (one token, cache in the pool), up to the graph's largest batch, go
+    /// through the CUDA graph; the other items of the step (prefill chunks, caches outside
+    /// the pool, decoders beyond that batch) through Candle. `None` when nothing fits.
     fn graph_forward(&self, items: &mut [BatchItem<'_>]) -> Result<Option<Tensor>> {
         let (Some(g), Some(p)) = (&self.graph, &self.pool) else {
             return Ok(None);
         };
+        let mut dec = g.lock().unwrap_or_else(|e| e.into_inner());
+        let max = dec.max_batch();
         let mut step = Vec::with_capacity(items.len());
         let mut on_graph = Vec::with_capacity(items.len());
         for it in items.iter() {
             let fits = match &it.cache.slot {
-                Some(s) if it.tokens.len() == 1 && it.cache.len < p.cap => {
+                Some(s) if it.tokens.len() == 1 && it.cache.len < p.cap && step.len() < max => {
                     step.push((it.tokens[0], it.cache.len, s.idx));
                     true
                 }
@@ -1050,11 +1052,12 @@ impl FamilyModel {
             };
             on_graph.push(fits);
         }
-        if step.is_empty() || step.len() > super::graph::MAX_BATCH {
+        if step.is_empty() {
             return Ok(None);
         }
         let t = profile::start();
-        let logits = g.lock().unwrap_or_else(|e| e.into_inner()).step(&step)?;
+        let logits = dec.step(&step)?;
+        drop(dec);
         profile::stop("cuda_graph_step", t);
         let v = self.cfg.vocab;
         let n = items.len();

@@ -5,8 +5,13 @@
 //! step is 5 kernels per layer (RMS-normed quantized matrix-vector products with fused
 //! bias / residual / SwiGLU, and one RoPE + KV write + attention kernel) over buffers
 //! allocated once; tokens, positions, KV slots and the batch size are read from device
-//! memory, so each batch-size bucket (1, 2, 4, 8 sequences) is captured once and every
-//! later step is one small upload, one graph launch and one download of the logits.
+//! memory, so each batch-size bucket (1, 2, 4, 8, 16, 32 sequences) is captured once and
+//! every later step is one small upload, one graph launch and one download of the logits.
+//! Up to 4 sequences the matrix products are warp-per-row dot products of f32 inputs and
+//! dequantized weights (the exact product) and attention takes a block per query head;
+//! from 8 on they run on the tensor cores (bf16 inputs, f32 sums; every weight read once
+//! for all sequences) and attention takes a block per KV head (its cache read once for
+//! the heads that share it).
 //! In a step that mixes decode and prefill, the decode items take the graph and the rest
 //! Candle's operations.
 //!
@@ -31,12 +36,23 @@ use crate::error::{EngineError, Result};
 
 static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/decode.fatbin"));
 
-/// Largest batch a graph covers; bigger decode steps take Candle's pooled path, which
-/// measured faster from 16 sequences on (our kernels read f32 inputs once per row, so their
-/// load traffic grows with the batch; `bench/README.md`).
-pub const MAX_BATCH: usize = 8;
-const BUCKETS: [usize; 4] = [1, 2, 4, 8];
+/// Largest batch a graph covers; the decoders of a bigger step beyond it take Candle's
+/// pooled path.
+pub const MAX_BATCH: usize = 32;
+const BUCKETS: [usize; 6] = [1, 2, 4, 8, 16, 32];
+/// Buckets from this size on use the tensor-core kernels (`mm_*`, `attention_group_*`).
+const MM_FROM: usize = 8;
+/// Warps per block and per output row of the matrix-vector kernels (`WARPS`, `WPR` in
+/// decode.cu), warps and output rows per block of the tensor-core ones (`MM_WARPS`,
+/// `MM_ROWS`), query heads per KV head that `attention_group` holds (`ATT_GMAX`).
 const WARPS: usize = 8;
+const WPR: usize = 1;
+const MM_WARPS: usize = 8;
+const MM_ROWS: usize = 16;
+const ATT_GMAX: usize = 8;
+/// Dynamic shared memory an attention kernel may ask for: Hopper's 227 KiB per block less
+/// the kernels' static arrays (~38 KiB) and a margin.
+const SMEM_MAX: usize = 180 * 1024;
 const MODE_PLAIN: i32 = 0;
 const MODE_RESID: i32 = 1;
 const MODE_GLU: i32 = 2;
@@ -225,8 +241,8 @@ pub struct GraphDecoder {
     graphs: HashMap<usize, CudaGraph>,
     /// `LLORCH_CUDA_GRAPH=eager`: launch the kernels without capturing (debugging).
     eager: bool,
-    /// Dynamic shared memory of the attention kernel: one score per cached position.
-    att_smem: u32,
+    /// Largest bucket: [`MAX_BATCH`] where the tensor-core kernels apply, else 4.
+    max_batch: usize,
 }
 
 // SAFETY: the graph and module handles are only used behind the model's Mutex, one thread
@@ -304,28 +320,51 @@ impl GraphDecoder {
         }
         tags.sort_unstable();
         tags.dedup();
-        let mut names = vec![format!("attention_{}", plan.head_dim)];
+        // attention keeps the scores of every position in shared memory, one row per query
+        // head of the block (past 48 KiB a kernel must opt in; Hopper has ~227 KiB, less
+        // the kernels' static arrays); longer pools keep Candle
+        let group = plan.heads / plan.kv_heads;
+        if 4 * plan.cap > SMEM_MAX {
+            return Err(unsupported(format!("{} positions per sequence", plan.cap)));
+        }
+        // the tensor-core kernels take 64-column groups and at most ATT_GMAX heads per KV head
+        let mm_ok = group <= ATT_GMAX
+            && 4 * group * plan.cap <= SMEM_MAX
+            && layers.iter().all(|l| {
+                l.qkv.iter().all(|(m, _, _)| m.k % 64 == 0)
+                    && [&l.o, &l.gate_up, &l.down].iter().all(|m| m.k % 64 == 0)
+            })
+            && lm_head.k.is_multiple_of(64);
+        if !mm_ok {
+            tracing::info!(
+                "CUDA graph decode: batches over 4 take Candle (no tensor-core kernels for this shape)"
+            );
+        }
+        let mut names = vec![format!("attention_head_{}", plan.head_dim)];
+        if mm_ok {
+            names.push(format!("attention_group_{}", plan.head_dim));
+        }
         for t in tags {
             names.push(format!("embed_{t}"));
-            names.extend(BUCKETS.iter().map(|b| format!("mv_{t}_{b}")));
+            for b in BUCKETS {
+                let kind = if b >= MM_FROM { "mm" } else { "mv" };
+                if b < MM_FROM || mm_ok {
+                    names.extend(["p", "r", "g"].map(|m| format!("{kind}_{t}_{m}{b}")));
+                }
+            }
         }
         for name in names {
             let f = module.load_function(&name).map_err(drv)?;
             funcs.insert(name, f);
         }
-        // scores of every position in shared memory: past the default 48 KiB a kernel
-        // must opt in (up to ~227 KiB on Hopper, ~56k positions); longer pools keep Candle
-        let att_smem = 4 * plan.cap;
-        if att_smem > 200 * 1024 {
-            return Err(unsupported(format!("{} positions per sequence", plan.cap)));
-        }
-        if att_smem > 40 * 1024 {
-            funcs[&format!("attention_{}", plan.head_dim)]
-                .set_attribute(
+        for (kernel, bytes) in [("head", 4 * plan.cap), ("group", 4 * group * plan.cap)] {
+            if let Some(f) = funcs.get(&format!("attention_{kernel}_{}", plan.head_dim)) {
+                f.set_attribute(
                     sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    att_smem as i32,
+                    bytes as i32,
                 )
                 .map_err(drv)?;
+            }
         }
         let nb = MAX_BATCH;
         let half = plan.head_dim / 2;
@@ -342,7 +381,7 @@ impl GraphDecoder {
             att: z(nb * plan.heads * plan.head_dim)?,
             act: z(nb * plan.intermediate)?,
             logits: z(nb * plan.vocab)?,
-            part: z(nb * h.div_ceil(WARPS))?,
+            part: z(nb * h)?,
             counter: stream.alloc_zeros::<u32>(1).map_err(drv)?,
             params: stream.alloc_zeros::<i32>(3 * nb + 1).map_err(drv)?,
             inv_freq,
@@ -375,14 +414,30 @@ impl GraphDecoder {
             at,
             graphs: HashMap::new(),
             eager,
-            att_smem: att_smem as u32,
+            max_batch: if mm_ok { MAX_BATCH } else { 4 },
         })
     }
 
-    /// One matrix-vector launch (`rows` warps, eight per block).
+    /// Largest number of sequences one step can take.
+    pub fn max_batch(&self) -> usize {
+        self.max_batch
+    }
+
+    /// One matrix product launch: `mv_*` kernels with `WPR` warps per output row (twice
+    /// that for SwiGLU), or from [`MM_FROM`] sequences on `mm_*` with `MM_ROWS` per block.
     fn mv(&self, label: &'static str, nb: usize, m: &Mat, mut a: MvArgs) -> Result<()> {
         let t = crate::profile::start();
-        let f = &self.funcs[&format!("mv_{}_{nb}", m.tag)];
+        let (mode, warps_per_row) = match a.mode {
+            MODE_PLAIN => ("p", WPR),
+            MODE_RESID => ("r", WPR),
+            _ => ("g", 2 * WPR),
+        };
+        let (kind, rows_per_block, threads) = if nb >= MM_FROM {
+            ("mm", MM_ROWS, MM_WARPS * 32)
+        } else {
+            ("mv", WARPS / warps_per_row, WARPS * 32)
+        };
+        let f = &self.funcs[&format!("{kind}_{}_{mode}{nb}", m.tag)];
         a.w = m.ptr;
         a.row_bytes = m.row_bytes as u64;
         a.k = m.k as i32;
@@ -394,10 +449,10 @@ impl GraphDecoder {
         if a.rows == 0 {
             a.rows = out_rows as i32;
         }
-        let blocks = (a.rows as usize).div_ceil(WARPS) as u32;
+        let blocks = (a.rows as usize).div_ceil(rows_per_block) as u32;
         let cfg = LaunchConfig {
             grid_dim: (blocks, 1, 1),
-            block_dim: ((WARPS * 32) as u32, 1, 1),
+            block_dim: (threads as u32, 1, 1),
             shared_mem_bytes: 0,
         };
         let mut b = self.stream.launch_builder(f);
@@ -462,7 +517,19 @@ impl GraphDecoder {
             eps: p.eps,
             ..Default::default()
         };
-        let att_f = &self.funcs[&format!("attention_{}", p.head_dim)];
+        // a block per query head, or from MM_FROM sequences on per KV head
+        let (att_f, att_grid, att_threads, att_smem) = if nb >= MM_FROM {
+            let f = &self.funcs[&format!("attention_group_{}", p.head_dim)];
+            let group = p.heads / p.kv_heads;
+            (f, p.kv_heads, 256, 4 * group * p.cap)
+        } else {
+            (
+                &self.funcs[&format!("attention_head_{}", p.head_dim)],
+                p.heads,
+                1024,
+                4 * p.cap,
+            )
+        };
         let (heads, kv_heads, cap) = (p.heads as i32, p.kv_heads as i32, p.cap as i32);
         let inv_freq = a.inv_freq;
         let interleaved = p.rope_interleaved as i32;
@@ -505,9 +572,9 @@ impl GraphDecoder {
                 .arg(&n)
                 .arg(&scale);
             let cfg = LaunchConfig {
-                grid_dim: (p.heads as u32, nb as u32, 1),
-                block_dim: (1024, 1, 1),
-                shared_mem_bytes: self.att_smem,
+                grid_dim: (att_grid as u32, nb as u32, 1),
+                block_dim: (att_threads, 1, 1),
+                shared_mem_bytes: att_smem as u32,
             };
             // SAFETY: positions are < cap and slots < the pool's slots (checked in `step`).
             unsafe { lb.launch(cfg) }.map_err(drv)?;
@@ -584,7 +651,7 @@ impl GraphDecoder {
     pub fn step(&mut self, items: &[(u32, usize, usize)]) -> Result<Vec<f32>> {
         let n = items.len();
         let p = &self.plan;
-        if n == 0 || n > MAX_BATCH {
+        if n == 0 || n > self.max_batch {
             return Err(unsupported(format!("batch of {n}")));
         }
         let mut params = vec![0i32; 3 * MAX_BATCH + 1];

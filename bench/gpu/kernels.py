@@ -1,0 +1,278 @@
+"""Microbenchmark of the CUDA-graph decode kernels (crates/llorch-engine/src/model/decode.cu)
+on the GPU machine, without the Rust build: compiles variants of decode.cu with nvcc there,
+feeds them a TinyLlama-1.1B-shaped step (22 layers, hidden 2048, intermediate 5632, 32 heads,
+4 KV heads, vocab 32000; random Q4_K or Q6_K blocks with finite scales, a distinct weight
+buffer per layer so L2 does not hold them), and reports
+
+- per kernel: GPU time (median over replays of a captured graph of 22 launches, one per
+  layer's weights), bytes of weights it reads and the bandwidth that makes;
+- per step: the whole decode step (embedding, 22 x [QKV, attention, O, gate/up, down],
+  LM head) captured as one graph, as the engine runs it: ms per step, tok/s, GB/s;
+- correctness: each variant's logits against the first variant's (same inputs), rel. L2.
+
+  python3 bench/gpu/kernels.py NAME=FILE.cu[:NVCC_FLAGS] ... [--batch 1,8] [--pos 600]
+
+The first variant is the reference. Kernel names: `mv_<type>_<p|r|g><batch>` (mode as a
+template parameter, `WPR` warps per row) or, for the older file, `mv_<type>_<batch>` (one
+warp per row, mode at run time).
+"""
+import argparse
+import ctypes
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+import cupy as cp
+import numpy as np
+
+L, H, I, HEADS, KVH, HD, VOCAB = 22, 2048, 5632, 32, 4, 64, 32000
+QKV = (HEADS + 2 * KVH) * HD
+CAP, EPS = 1024, 1e-5
+MAXB = 32
+# block size, bytes per block, where its f16 scale(s) sit
+TYPES = {"q4_k": (256, 144, 0, 4), "q6_k": (256, 210, 208, 210), "q8_0": (32, 34, 0, 2),
+         "q4_0": (32, 18, 0, 2), "q4_1": (32, 20, 0, 4), "q5_0": (32, 22, 0, 2)}
+
+cuda = ctypes.CDLL("libcuda.so.1")
+
+
+def check(r, what):
+    if r != 0:
+        raise RuntimeError(f"{what}: CUDA error {r}")
+
+
+def rand_blocks(qt, rows, k, rng):
+    """Random quantized rows of `k` columns with finite, model-like scales."""
+    bs, ts, s0, s1 = TYPES[qt]
+    nb = rows * k // bs
+    raw = cp.asarray(rng.integers(0, 256, size=nb * ts, dtype=np.uint8)).reshape(nb, ts)
+    sc = rng.uniform(0.0005, 0.004, size=(nb, (s1 - s0) // 2)).astype(np.float16)
+    raw[:, s0:s1] = cp.asarray(sc).view(cp.uint8).reshape(nb, s1 - s0)
+    return raw.reshape(-1), k // bs * ts
+
+
+class Mv(ctypes.Structure):
+    _fields_ = [(f, ctypes.c_uint64) for f in
+                ["w", "x", "norm_next", "xn", "bias", "y", "part", "counter", "n", "row_bytes"]] + \
+               [("rows", ctypes.c_int), ("k", ctypes.c_int), ("ldy", ctypes.c_int),
+                ("mode", ctypes.c_int), ("eps", ctypes.c_float), ("pad", ctypes.c_int)]
+
+
+class Variant:
+    def __init__(self, name, src, flags, out_dir):
+        self.name = name
+        # pseudo-flag `mm`: batches of 8 and more take the tensor-core kernels
+        self.mm = "mm" in flags
+        flags = [f for f in flags if f != "mm"]
+        cubin = os.path.join(out_dir, f"{name}.cubin")
+        cmd = ["nvcc", "--cubin", "-O3", "-arch=sm_90", "-Xptxas", "-v", *flags, "-o", cubin, src]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode:
+            sys.exit(f"nvcc failed for {name}:\n{r.stderr}")
+        self.ptxas = r.stderr
+        self.mod = cp.cuda.function.Module()
+        self.mod.load_file(cubin)
+        self.new = self._has("mv_q4_k_p1")
+        self.wpr = int(next((f[6:] for f in flags if f.startswith("-DWPR=")), "1"))
+        self.warps = int(next((f[8:] for f in flags if f.startswith("-DWARPS=")), "8"))
+
+    def _has(self, fn):
+        try:
+            self.mod.get_function(fn)
+            return True
+        except Exception:
+            return False
+
+    def mv(self, qt, mode, nb):
+        """(function, rows of output per block, threads per block)"""
+        m = "prg"[mode]
+        if self.mm and nb >= 8:
+            return self.mod.get_function(f"mm_{qt}_{m}{nb}"), 16, 256
+        if self.new:
+            wr = self.wpr * (2 if mode == 2 else 1)
+            return self.mod.get_function(f"mv_{qt}_{m}{nb}"), self.warps // wr, self.warps * 32
+        return self.mod.get_function(f"mv_{qt}_{nb}"), 8, 256
+
+
+def launch(fn, grid, block, smem, stream, args):
+    holders = []
+    for a in args:
+        holders.append(a)
+    arr = (ctypes.c_void_p * len(holders))(*[ctypes.cast(ctypes.pointer(h), ctypes.c_void_p) for h in holders])
+    check(cuda.cuLaunchKernel(ctypes.c_void_p(fn.ptr), *grid, *block, smem, ctypes.c_void_p(stream.ptr), arr, None),
+          "cuLaunchKernel")
+
+
+class Model:
+    """Device buffers of one synthetic TinyLlama-shaped step."""
+
+    def __init__(self, qt, pos, seed=1):
+        rng = np.random.default_rng(seed)
+        self.qt = qt
+        self.layers = []
+        for _ in range(L):
+            lay = {}
+            for name, rows, k in [("qkv", QKV, H), ("o", H, HEADS * HD), ("gate_up", 2 * I, H), ("down", H, I)]:
+                lay[name] = rand_blocks(qt, rows, k, rng)
+            lay["attn_norm"] = cp.asarray(rng.uniform(0.5, 1.5, H).astype(np.float32))
+            lay["ffn_norm"] = cp.asarray(rng.uniform(0.5, 1.5, H).astype(np.float32))
+            kv = rng.standard_normal((2, MAXB * KVH * CAP * HD)).astype(np.float32)
+            lay["k"], lay["v"] = cp.asarray(kv[0]), cp.asarray(kv[1])
+            self.layers.append(lay)
+        self.embed = rand_blocks(qt, VOCAB, H, rng)
+        self.lm_head = rand_blocks(qt, VOCAB, H, rng)
+        self.out_norm = cp.asarray(rng.uniform(0.5, 1.5, H).astype(np.float32))
+        f = lambda n: cp.zeros(n, dtype=cp.float32)
+        self.x, self.xn, self.qkv, self.att = f(MAXB * H), f(MAXB * H), f(MAXB * QKV), f(MAXB * H)
+        self.act, self.logits, self.part = f(MAXB * I), f(MAXB * VOCAB), f(MAXB * H * 8)
+        self.counter = cp.zeros(1, dtype=cp.uint32)
+        p = np.zeros(3 * MAXB + 1, dtype=np.int32)
+        p[:MAXB] = rng.integers(0, VOCAB, MAXB)
+        p[MAXB:2 * MAXB] = pos + np.arange(MAXB)
+        p[2 * MAXB:3 * MAXB] = np.arange(MAXB)
+        self.params = cp.asarray(p)
+        self.inv_freq = cp.asarray((1.0 / 10000 ** (np.arange(0, HD, 2) / HD)).astype(np.float32))
+
+    def bytes_of(self, name):
+        return self.layers[0][name][0].nbytes
+
+
+def p(a):
+    return ctypes.c_uint64(a.data.ptr)
+
+
+def mv_args(v, m, qt, mode, nb, wbuf, row_bytes, rows, k, x, y, ldy, norm_next=None):
+    fn, rpb, threads = v.mv(qt, mode, nb)
+    a = Mv(w=wbuf.data.ptr, x=x.data.ptr, y=y.data.ptr, n=m.params.data.ptr + 4 * 3 * MAXB,
+           row_bytes=row_bytes, rows=rows, k=k, ldy=ldy, mode=mode, eps=EPS,
+           part=m.part.data.ptr, counter=m.counter.data.ptr,
+           norm_next=norm_next.data.ptr if norm_next is not None else 0, xn=m.xn.data.ptr)
+    return fn, ((rows + rpb - 1) // rpb, 1, 1), (threads, 1, 1), 0, [a], (wbuf.data.ptr, wbuf.nbytes)
+
+
+def step_launches(v, m, nb, only=None):
+    """The step's launches as (label, fn, grid, block, smem, args)."""
+    qt, out = m.qt, []
+    n = ctypes.c_uint64(m.params.data.ptr + 4 * 3 * MAXB)
+    tok, pos, slot = (ctypes.c_uint64(m.params.data.ptr + 4 * MAXB * j) for j in range(3))
+    emb = v.mod.get_function(f"embed_{qt}")
+    out.append(("embed", emb, (nb, 1, 1), (256, 1, 1), 0,
+                [p(m.embed[0]), ctypes.c_uint64(m.embed[1]), ctypes.c_int(H), tok, n, p(m.x), p(m.xn),
+                 p(m.layers[0]["attn_norm"]), ctypes.c_float(EPS)], None))
+    if not v.new:
+        att, geo = v.mod.get_function(f"attention_{HD}"), ((HEADS, nb, 1), (1024, 1, 1), 4 * CAP)
+    elif nb <= 4:  # a block per query head
+        att, geo = v.mod.get_function(f"attention_head_{HD}"), ((HEADS, nb, 1), (1024, 1, 1), 4 * CAP)
+    else:  # a block per KV head: its keys and values read once for the group
+        att, geo = v.mod.get_function(f"attention_group_{HD}"), ((KVH, nb, 1), (256, 1, 1), 4 * CAP * HEADS // KVH)
+        check(cuda.cuFuncSetAttribute(ctypes.c_void_p(att.ptr), 8, geo[2]), "cuFuncSetAttribute")
+    for li, lay in enumerate(m.layers):
+        nxt = m.layers[li + 1]["attn_norm"] if li + 1 < L else m.out_norm
+        out.append(("qkv", *mv_args(v, m, qt, 0, nb, *lay["qkv"], QKV, H, m.xn, m.qkv, QKV)))
+        out.append(("attention", att, *geo,
+                    [p(m.qkv), ctypes.c_int(QKV), p(m.att), p(lay["k"]), p(lay["v"]), ctypes.c_int(HEADS),
+                     ctypes.c_int(KVH), ctypes.c_int(CAP), p(m.inv_freq), ctypes.c_int(0), pos, slot, n,
+                     ctypes.c_float(HD ** -0.5)], None))
+        out.append(("o", *mv_args(v, m, qt, 1, nb, *lay["o"], H, HEADS * HD, m.att, m.x, H, lay["ffn_norm"])))
+        out.append(("gate_up", *mv_args(v, m, qt, 2, nb, *lay["gate_up"], I, H, m.xn, m.act, I)))
+        out.append(("down", *mv_args(v, m, qt, 1, nb, *lay["down"], H, I, m.act, m.x, H, nxt)))
+    out.append(("lm_head", *mv_args(v, m, qt, 0, nb, *m.lm_head, VOCAB, H, m.xn, m.logits, VOCAB)))
+    out = [o for o in out if only is None or o[0] == only]
+    return out
+
+
+def capture(stream, launches):
+    stream.begin_capture()
+    for _, fn, g, b, s, args, _w in launches:
+        launch(fn, g, b, s, stream, args)
+    return stream.end_capture()
+
+
+def time_graph(stream, graph, reps=30):
+    graph.launch(stream)
+    stream.synchronize()
+    ts = []
+    for _ in range(reps):
+        e0, e1 = cp.cuda.Event(), cp.cuda.Event()
+        e0.record(stream)
+        graph.launch(stream)
+        e1.record(stream)
+        e1.synchronize()
+        ts.append(cp.cuda.get_elapsed_time(e0, e1) / 1e3)
+    return statistics.median(ts)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("variants", nargs="+")
+    ap.add_argument("--batch", default="8,1,16,32")
+    ap.add_argument("--types", default="q4_k")
+    ap.add_argument("--pos", type=int, default=600)
+    ap.add_argument("--json", default="kernels.json", help="file name under --out")
+    ap.add_argument("--no-kernels", action="store_true", help="only the whole step, no per-kernel times")
+    ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
+    args = ap.parse_args()
+    vs = []
+    for spec in args.variants:
+        name, rest = spec.split("=", 1)
+        src, _, flags = rest.partition(":")
+        vs.append(Variant(name, src, flags.split() if flags else [], args.out))
+    stream = cp.cuda.Stream(non_blocking=True)
+    results = []
+    for qt in args.types.split(","):
+        m = Model(qt, args.pos)
+        wbytes = {k: m.bytes_of(k) for k in ["qkv", "o", "gate_up", "down"]}
+        step_bytes = L * sum(wbytes.values()) + m.lm_head[0].nbytes
+        # reference: the first variant's logits of the first 8 sequences in a batch of 8
+        # (a sequence's inputs do not depend on the batch it runs in)
+        ref = None
+        for nb in [int(b) for b in args.batch.split(",")]:
+            for v in vs:
+                with stream:
+                    m.params[3 * MAXB] = nb
+                    try:
+                        ls = step_launches(v, m, nb)
+                    except Exception as e:
+                        print(f"{v.name} batch {nb}: skipped ({e})")
+                        continue
+                    g = capture(stream, ls)
+                    g.launch(stream)
+                    stream.synchronize()
+                    logits = cp.asnumpy(m.logits[: nb * VOCAB]).astype(np.float64)
+                    if ref is None:
+                        if nb != 8:
+                            sys.exit("put batch 8 first: it is the reference")
+                        ref = logits
+                    c = min(nb, 8) * VOCAB
+                    err = float(np.linalg.norm(logits[:c] - ref[:c]) / max(np.linalg.norm(ref[:c]), 1e-30))
+                    finite = bool(np.isfinite(logits).all())
+                    t = time_graph(stream, g)
+                    row = {"type": qt, "batch": nb, "variant": v.name, "step_ms": t * 1e3,
+                           "tok_s": nb / t, "GBps": step_bytes / t / 1e9, "rel_l2_vs_first": err,
+                           "finite": finite, "kernels_us": {}}
+                    for label in [] if args.no_kernels else ["embed", "qkv", "attention", "o", "gate_up", "down", "lm_head"]:
+                        ls = step_launches(v, m, nb, only=label)
+                        ls = (ls * 22)[:22]
+                        gk = capture(stream, ls)
+                        tk = time_graph(stream, gk, reps=15) / len(ls)
+                        row["kernels_us"][label] = round(tk * 1e6, 2)
+                        if label in wbytes or label == "lm_head":
+                            b = m.lm_head[0].nbytes if label == "lm_head" else wbytes[label]
+                            row.setdefault("kernel_GBps", {})[label] = round(b / tk / 1e9, 1)
+                    results.append(row)
+                    print(json.dumps(row), flush=True)
+    with open(os.path.join(args.out, args.json), "w") as f:
+        json.dump({"results": results, "ptxas": {v.name: v.ptxas[-4000:] for v in vs}}, f, indent=1)
+    print("\ntype  batch variant          step_ms  tok/s   GB/s  relL2    " + " ".join(f"{k:>8}" for k in
+          ["embed", "qkv", "attention", "o", "gate_up", "down", "lm_head"]))
+    for r in results:
+        print(f"{r['type']:5} {r['batch']:5} {r['variant']:16} {r['step_ms']:7.3f} {r['tok_s']:7.0f} {r['GBps']:6.0f}"
+              f"  {r['rel_l2_vs_first']:.1e}{'' if r['finite'] else ' NaN!'} "
+              + " ".join(f"{r['kernels_us'].get(k, 0):8.2f}" for k in
+                         ["embed", "qkv", "attention", "o", "gate_up", "down", "lm_head"]))
+
+
+if __name__ == "__main__":
+    main()

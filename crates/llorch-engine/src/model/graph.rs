@@ -109,7 +109,8 @@ struct MvArgs {
     ldy: i32,
     mode: i32,
     eps: f32,
-    pad: i32,
+    /// `norm_rows_f32`: blocks of the residual product before it (partial sums per row)
+    parts: i32,
 }
 
 // SAFETY: plain old data, laid out as the C struct the kernels take by value.
@@ -353,6 +354,9 @@ impl GraphDecoder {
                 }
             }
         }
+        if mm_ok {
+            names.push("norm_rows_f32".into());
+        }
         for name in names {
             let f = module.load_function(&name).map_err(drv)?;
             funcs.insert(name, f);
@@ -460,6 +464,19 @@ impl GraphDecoder {
         // SAFETY: every pointer in `a` addresses a live buffer of the sizes the kernel reads
         // (checked shapes in `new`); rows beyond the step's batch size are never touched.
         unsafe { b.launch(cfg) }.map_err(drv)?;
+        if kind == "mm" && a.mode == MODE_RESID {
+            // the normed copy for the next reader, a block per (sequence, 256 columns)
+            a.parts = blocks as i32;
+            let cfg = LaunchConfig {
+                grid_dim: (nb as u32, (a.rows as u32).div_ceil(256), 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut b = self.stream.launch_builder(&self.funcs["norm_rows_f32"]);
+            b.arg(&a);
+            // SAFETY: as above; `part` holds `parts` sums for each of the step's rows.
+            unsafe { b.launch(cfg) }.map_err(drv)?;
+        }
         self.timed(label, t)
     }
 

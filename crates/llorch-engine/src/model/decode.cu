@@ -8,10 +8,11 @@
 //
 // Layout: activations are f32, rows of `NB` sequences (the graph's batch bucket; rows at
 // and above the step's real batch size `*n` are skipped). Weights stay in their GGUF
-// blocks; each warp owns a few output rows and reads every weight byte once for all
-// input rows, multiplying f32 inputs by the dequantized weights (the exact product).
-// The RMS norms are fused: kernels that write the residual stream also leave each row's
-// 1/rms (`rs`) for the next kernel, which scales its input on load.
+// blocks and every weight byte is read once per step for all sequences: up to 4 sequences
+// a warp per output row multiplies f32 inputs by the dequantized weights (`matvec`, the
+// exact product); from 8 on the tensor cores do, on split bf16 values (`matmul`).
+// The RMS norms are fused: kernels that write the residual stream also write its normed
+// copy `xn` for the next kernel (`resid_tail`; after `matmul`, the `norm_rows` kernel).
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -23,7 +24,7 @@ typedef unsigned int u32;
 #define WARPS 8  // warps per block in the matrix-vector kernels
 #endif
 #define MODE_PLAIN 0       // y = W x (+ bias)
-#define MODE_RESID 1       // y += W x, then 1/rms of each y row into rs_out
+#define MODE_RESID 1       // y += W x, then the normed copy of y into xn
 #define MODE_GLU 2         // y = silu(W_gate x) * (W_up x); W is [gate; up], rows = |gate|
 
 // GGML type ids

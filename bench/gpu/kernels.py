@@ -97,10 +97,7 @@ class Variant:
 
 
 def launch(fn, grid, block, smem, stream, args):
-    holders = []
-    for a in args:
-        holders.append(a)
-    arr = (ctypes.c_void_p * len(holders))(*[ctypes.cast(ctypes.pointer(h), ctypes.c_void_p) for h in holders])
+    arr = (ctypes.c_void_p * len(args))(*[ctypes.cast(ctypes.pointer(h), ctypes.c_void_p) for h in args])
     check(cuda.cuLaunchKernel(ctypes.c_void_p(fn.ptr), *grid, *block, smem, ctypes.c_void_p(stream.ptr), arr, None),
           "cuLaunchKernel")
 
@@ -149,7 +146,7 @@ def mv_args(v, m, qt, mode, nb, wbuf, row_bytes, rows, k, x, y, ldy, norm_next=N
            row_bytes=row_bytes, rows=rows, k=k, ldy=ldy, mode=mode, eps=EPS,
            part=m.part.data.ptr, counter=m.counter.data.ptr,
            norm_next=norm_next.data.ptr if norm_next is not None else 0, xn=m.xn.data.ptr)
-    return fn, ((rows + rpb - 1) // rpb, 1, 1), (threads, 1, 1), 0, [a], (wbuf.data.ptr, wbuf.nbytes)
+    return fn, ((rows + rpb - 1) // rpb, 1, 1), (threads, 1, 1), 0, [a]
 
 
 def norm_after(v, nb, out):
@@ -157,11 +154,11 @@ def norm_after(v, nb, out):
     variant has it): a block per (sequence, 256 columns)."""
     if not (v.mm and nb >= 8 and v._has("norm_rows_f32")):
         return
-    label, _fn, grid, _b, _s, args, _w = out[-1]
+    label, _fn, grid, _b, _s, args = out[-1]
     a = Mv.from_buffer_copy(args[0])
     a.parts = grid[0]
     out.append((label, v.mod.get_function("norm_rows_f32"), (nb, (a.rows + 255) // 256, 1), (256, 1, 1), 0,
-                [a], None))
+                [a]))
 
 
 def step_launches(v, m, nb, only=None):
@@ -172,7 +169,7 @@ def step_launches(v, m, nb, only=None):
     emb = v.mod.get_function(f"embed_{qt}")
     out.append(("embed", emb, (nb, 1, 1), (256, 1, 1), 0,
                 [p(m.embed[0]), ctypes.c_uint64(m.embed[1]), ctypes.c_int(H), tok, n, p(m.x), p(m.xn),
-                 p(m.layers[0]["attn_norm"]), ctypes.c_float(EPS)], None))
+                 p(m.layers[0]["attn_norm"]), ctypes.c_float(EPS)]))
     if not v.new:
         att, geo = v.mod.get_function(f"attention_{HD}"), ((HEADS, nb, 1), (1024, 1, 1), 4 * CAP)
     elif nb <= 4:  # a block per query head
@@ -186,7 +183,7 @@ def step_launches(v, m, nb, only=None):
         out.append(("attention", att, *geo,
                     [p(m.qkv), ctypes.c_int(QKV), p(m.att), p(lay["k"]), p(lay["v"]), ctypes.c_int(HEADS),
                      ctypes.c_int(KVH), ctypes.c_int(CAP), p(m.inv_freq), ctypes.c_int(0), pos, slot, n,
-                     ctypes.c_float(HD ** -0.5)], None))
+                     ctypes.c_float(HD ** -0.5)]))
         out.append(("o", *mv_args(v, m, qt, 1, nb, *lay["o"], H, HEADS * HD, m.att, m.x, H, lay["ffn_norm"])))
         norm_after(v, nb, out)
         out.append(("gate_up", *mv_args(v, m, qt, 2, nb, *lay["gate_up"], I, H, m.xn, m.act, I)))
@@ -199,7 +196,7 @@ def step_launches(v, m, nb, only=None):
 
 def capture(stream, launches):
     stream.begin_capture()
-    for _, fn, g, b, s, args, _w in launches:
+    for _, fn, g, b, s, args in launches:
         launch(fn, g, b, s, stream, args)
     return stream.end_capture()
 

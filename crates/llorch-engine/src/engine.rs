@@ -471,18 +471,13 @@ impl Scheduler {
         }
         // Sampling (a pass or more over the vocabulary, plus the log-probability) costs
         // ~0.1 ms a sequence: serial, it would bound a step of 32 decoders on a GPU.
+        let pick = |(s, k): (&mut Seq, &Option<usize>)| {
+            k.map(|k| s.sampler.sample(&logits[k], &s.history))
+        };
         let picks: Vec<Option<(u32, f32)>> = if plan.len() >= 4 {
-            running
-                .par_iter_mut()
-                .zip(&row)
-                .map(|(s, k)| k.map(|k| s.sampler.sample(&logits[k], &s.history)))
-                .collect()
+            running.par_iter_mut().zip(&row).map(pick).collect()
         } else {
-            running
-                .iter_mut()
-                .zip(&row)
-                .map(|(s, k)| k.map(|k| s.sampler.sample(&logits[k], &s.history)))
-                .collect()
+            running.iter_mut().zip(&row).map(pick).collect()
         };
         for (s, pick) in running.iter_mut().zip(picks) {
             if let Some((id, logprob)) = pick {

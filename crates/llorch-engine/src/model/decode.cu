@@ -222,6 +222,23 @@ __device__ __forceinline__ void load_x(const MvArgs& a, int i, int c0, float* xv
     }
 }
 
+// Writes output (sequence i, row r) of a product whose sum is v (SwiGLU: v2 the up row's)
+// as the mode says; returns what it wrote.
+template <int MODE>
+__device__ __forceinline__ float store_out(const MvArgs& a, int i, int r, float v, float v2) {
+    float* yp = a.y + (size_t)i * a.ldy + r;
+    float out;
+    if (MODE == MODE_RESID) {
+        out = *yp + v;
+    } else if (MODE == MODE_GLU) {
+        out = v / (1.f + expf(-v)) * v2;
+    } else {
+        out = a.bias ? v + a.bias[r] : v;
+    }
+    *yp = out;
+    return out;
+}
+
 // The residual stream's next reader wants it RMS-normed: once every block has written its
 // partial sums of squares (`part[row * gridDim.x + block]`), the last block to finish sums
 // them in a fixed order (deterministic, unlike float atomics) and writes the normed copy
@@ -312,18 +329,7 @@ __device__ void matvec(const MvArgs& a) {
             v += red[warp + s][i];
             if (glu) v2 += red[warp + WPR + s][i];
         }
-        float out = 0.f;
-        if (r < a.rows) {
-            float* yp = a.y + (size_t)i * a.ldy + r;
-            if (MODE == MODE_RESID) {
-                out = *yp + v;
-            } else if (glu) {
-                out = v / (1.f + expf(-v)) * v2;
-            } else {
-                out = a.bias ? v + a.bias[r] : v;
-            }
-            *yp = out;
-        }
+        const float out = r < a.rows ? store_out<MODE>(a, i, r, v, v2) : 0.f;
         if (MODE == MODE_RESID) sq[rb][i] = out * out;
     }
     if (MODE != MODE_RESID) return;
@@ -564,18 +570,7 @@ __device__ void matmul(const MvArgs& a) {
         }
         const int i = 16 * m + (ql >> 2) + 8 * (e >> 1), rl = 8 * j + 2 * (ql & 3) + (e & 1);
         const int r = r0 + rl;
-        float out = 0.f;
-        if (i < n && r < a.rows) {
-            float* yp = a.y + (size_t)i * a.ldy + r;
-            if (MODE == MODE_RESID) {
-                out = *yp + v;
-            } else if (glu) {
-                out = v / (1.f + expf(-v)) * v2;
-            } else {
-                out = a.bias ? v + a.bias[r] : v;
-            }
-            *yp = out;
-        }
+        const float out = i < n && r < a.rows ? store_out<MODE>(a, i, r, v, v2) : 0.f;
         if (MODE == MODE_RESID) outs[i][rl] = out;
     }
     if constexpr (MODE == MODE_RESID) {

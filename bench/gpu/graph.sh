@@ -54,6 +54,20 @@ for f in ["tinyllama-q4km", "tinyllama-q6k", "smollm2-q8_0", "smollm2-q4_0", "sm
           f" | margins exact {min(r['exact']['greedy_margins']):.3f}")
 PY
 
+step "a 100-token prompt (longer than the graph's rows): Candle's path, dequantized weights in TF32 products, vs the exact product"
+ids=$(seq -s, 101 200)
+M1=$M/tinyllama-q4km.gguf
+$L check --model $M1 --prompt-ids $ids --tokens 0 --cuda-device 0 --out $M/long-cuda.json
+$L check --model $M1 --prompt-ids $ids --tokens 0 --threads 16 --dequantize --out $M/long-exact.json
+$L check --model $M1 --prompt-ids $ids --tokens 0 --threads 16 --out $M/long-cpu.json
+python3 - "$M" <<'PY'
+import json, math, sys
+m = sys.argv[1]
+r = {k: json.load(open(f"{m}/long-{k}.json"))["logits"] for k in ("cuda", "exact", "cpu")}
+rel = lambda x, y: math.sqrt(sum((p - q) ** 2 for p, q in zip(x, y)) / sum(q * q for q in y))
+print(f"100-token prefill logits vs exact: CUDA (TF32) {rel(r['cuda'], r['exact']):.1e}, CPU quantized kernels {rel(r['cpu'], r['exact']):.1e}")
+PY
+
 step "same greedy outputs alone and batched (worker: 12 and 28 at once, the graph's 16 and 32 buckets)"
 $B/llorch-cuda --model $M/smollm2-q8_0.gguf --cuda-device 0 --port 8392 --max-batch 32 --ctx-size 1024 --kv-cache-mib 2048 &
 WP=$!

@@ -183,7 +183,7 @@ def step_launches(v, m, nb, only=None):
         out.append(("attention", att, *geo,
                     [p(m.qkv), ctypes.c_int(QKV), p(m.att), p(lay["k"]), p(lay["v"]), ctypes.c_int(HEADS),
                      ctypes.c_int(KVH), ctypes.c_int(CAP), p(m.inv_freq), ctypes.c_int(0), pos, slot, n,
-                     ctypes.c_float(HD ** -0.5)]))
+                     ctypes.c_float(HD ** -0.5), ctypes.c_int(1)]))  # write_kv (ignored by older kernels)
         out.append(("o", *mv_args(v, m, qt, 1, nb, *lay["o"], H, HEADS * HD, m.att, m.x, H, lay["ffn_norm"])))
         norm_after(v, nb, out)
         out.append(("gate_up", *mv_args(v, m, qt, 2, nb, *lay["gate_up"], I, H, m.xn, m.act, I)))

@@ -66,7 +66,7 @@ python3 bench/gpu/bandwidth.py > $M/bandwidth.json
 cat $M/bandwidth.json
 
 step "the worker: llorch-cuda on the Q4_K_M file, concurrent streaming clients"
-$W --model $M/tinyllama-q4km.gguf --cuda-device 0 --port 8391 --max-batch 32 --max-queue 128 --ctx-size 2048 --kv-cache-mib 4096 &
+LLORCH_PROFILE=1 RUST_LOG=warn,llorch_engine=info $W --model $M/tinyllama-q4km.gguf --cuda-device 0 --port 8391 --max-batch 32 --max-queue 128 --ctx-size 2048 --kv-cache-mib 4096 &
 WP=$!
 for i in $(seq 1 600); do curl -sf localhost:8391/health >/dev/null && break; sleep 0.5; done
 curl -s localhost:8391/info > $M/info.json; cat $M/info.json; echo

@@ -10,7 +10,14 @@ import urllib.request
 
 URL = sys.argv[1]
 PROMPTS = ["The capital of France is", "def add(a, b):", "Once upon a time", "1, 2, 3, 4,",
-           "The three primary colors are", "Water boils at", "A haiku about the sea:"]
+           "The three primary colors are", "Water boils at", "A haiku about the sea:",
+           # longer than the graph's rows: Candle's path (two at once: with our attention kernels)
+           "Once upon a time, in a small village at the edge of a great forest, there lived an old "
+           "clockmaker who had never once left the valley. Every morning he wound the tower clock, "
+           "and every evening he wrote a single line in a leather book. One day a stranger came and",
+           "The report begins with a summary of the quarter: revenue grew in every region, costs fell "
+           "slightly, and the new factory opened two weeks ahead of schedule. The second section "
+           "covers hiring, and the third explains why the board decided to"]
 
 
 def complete(prompt):

@@ -15,7 +15,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::chat::{ChatTemplate, Message, CHATML};
 use crate::error::{EngineError, Result};
-use crate::model::{LoadedModel, ModelInfo, Network, SeqState};
+use crate::model::{LoadedModel, ModelInfo, Network, RowOut, SeqState};
 use crate::sampler::{Sampler, SamplingParams};
 use crate::stop::{StopMatcher, StopOutcome};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
@@ -198,15 +198,29 @@ impl Engine {
             None => ChatTemplate::new(CHATML)?,
         };
         let tokenizer = Arc::new(tokenizer);
+        if std::env::var_os("LLORCH_PROFILE").is_some() {
+            // per-phase host time of the engine's steps, logged whenever it goes idle
+            crate::profile::enable(true);
+        }
         if cfg.warmup {
-            let ids = tokenizer.encode("Hello", true)?;
+            let mut ids = tokenizer.encode("Hello", true)?;
             let mut s = network.new_seq();
             network.forward(&mut [(&mut s, &ids[..])])?;
             network.forward(&mut [(&mut s, &ids[..1])])?;
+            // a prompt longer than the fused GPU step's rows takes the general path: warm
+            // that one too, or the first long prompt pays its kernels' first use (~0.1 s)
+            let long = network.graph_rows() + 8;
+            if network.graph_rows() > 0 && long < cfg.context_length {
+                let base = ids.clone();
+                ids = base.iter().cycle().take(long).copied().collect();
+                let mut s = network.new_seq();
+                network.forward(&mut [(&mut s, &ids[..])])?;
+            }
         }
         let (tx, rx) = sync_channel(cfg.max_queue);
         let sched = Scheduler {
             rx,
+            graph_rows: network.graph_rows(),
             network,
             tokenizer: tokenizer.clone(),
             stats: stats.clone(),
@@ -318,6 +332,8 @@ struct Scheduler {
     stats: Arc<EngineStats>,
     cfg: EngineConfig,
     kv_capacity: usize,
+    /// Rows of the network's fused GPU step (0: none); see [`Scheduler::step`].
+    graph_rows: usize,
 }
 
 impl Scheduler {
@@ -330,7 +346,7 @@ impl Scheduler {
             while running.len() < self.cfg.max_batch {
                 let req = match held.pop_front() {
                     Some(r) => r,
-                    None if running.is_empty() => match self.rx.recv() {
+                    None if running.is_empty() => match self.idle_recv() {
                         Ok(r) => r,
                         Err(_) => return,
                     },
@@ -393,20 +409,54 @@ impl Scheduler {
         }
     }
 
+    /// Waits for a request with nothing running; first logs the per-phase time of the steps
+    /// since the last idle moment when `LLORCH_PROFILE` is set.
+    fn idle_recv(&self) -> std::result::Result<GenerationRequest, std::sync::mpsc::RecvError> {
+        let phases = crate::profile::report();
+        if !phases.is_empty() {
+            for (phase, total, calls) in phases {
+                tracing::info!(
+                    phase,
+                    total_ms = total.as_secs_f64() * 1e3,
+                    calls,
+                    per_call_us = total.as_secs_f64() * 1e6 / calls.max(1) as f64,
+                    "engine profile"
+                );
+            }
+            crate::profile::reset();
+        }
+        self.rx.recv()
+    }
+
     /// One forward over the running sequences: every decoding sequence feeds its last
     /// token; prefilling ones feed a chunk of their prompt within the step's budget.
+    /// With a fused GPU step of `graph_rows` rows (a row per token), a prompt no longer than
+    /// that is fed into the rows the decoders leave free, so it never takes the slower
+    /// general path; longer prompts take `prefill_chunk`-sized chunks of the general path.
     fn step(&mut self, running: &mut [Seq]) {
         let mut budget = self.cfg.prefill_chunk;
+        let decoders = running
+            .iter()
+            .filter(|s| !s.done && s.fed >= s.req.prompt.len())
+            .count();
+        let mut free = self.graph_rows.saturating_sub(decoders);
         let mut plan: Vec<(usize, usize, usize)> = Vec::new(); // (seq index, start, len) of tokens to feed
         for (i, s) in running.iter().enumerate() {
             if s.done {
                 continue;
             }
-            if s.fed < s.req.prompt.len() {
+            let left = s.req.prompt.len() - s.fed.min(s.req.prompt.len());
+            if left > 0 {
+                if s.req.prompt.len() <= self.graph_rows && free > 0 {
+                    let len = left.min(free);
+                    free -= len;
+                    plan.push((i, s.fed, len));
+                    continue;
+                }
                 if budget == 0 {
                     continue;
                 }
-                let len = (s.req.prompt.len() - s.fed).min(budget);
+                let len = left.min(budget);
                 budget -= len;
                 plan.push((i, s.fed, len));
             } else {
@@ -420,6 +470,7 @@ impl Scheduler {
             obs(plan.len());
         }
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
+        let t_step = crate::profile::start();
         let logits = {
             let mut toks: Vec<Vec<u32>> = Vec::with_capacity(plan.len());
             for &(i, start, len) in &plan {
@@ -430,6 +481,10 @@ impl Scheduler {
                     s.req.prompt[start..start + len].to_vec()
                 });
             }
+            let greedy: Vec<bool> = plan
+                .iter()
+                .map(|&(i, _, _)| running[i].sampler.is_greedy())
+                .collect();
             // Disjoint &mut borrows of the planned sequences' states.
             let mut states: Vec<Option<&mut SeqState>> =
                 running.iter_mut().map(|s| Some(&mut s.state)).collect();
@@ -437,9 +492,10 @@ impl Scheduler {
             for (k, &(i, _, _)) in plan.iter().enumerate() {
                 batch.push((states[i].take().unwrap(), &toks[k][..]));
             }
-            self.network
-                .forward(&mut batch)
-                .and_then(|t| Ok(t.to_vec2::<f32>()?))
+            let t = crate::profile::start();
+            let out = self.network.forward_rows(&mut batch, &greedy);
+            crate::profile::stop("forward", t);
+            out
         };
         let logits = match logits {
             Ok(l) => l,
@@ -472,7 +528,10 @@ impl Scheduler {
         // Sampling (a pass or more over the vocabulary, plus the log-probability) costs
         // ~0.1 ms a sequence: serial, it would bound a step of 32 decoders on a GPU.
         let pick = |(s, k): (&mut Seq, &Option<usize>)| {
-            k.map(|k| s.sampler.sample(&logits[k], &s.history))
+            k.map(|k| match &logits[k] {
+                RowOut::Picked { id, logprob } => (*id, *logprob),
+                RowOut::Logits(l) => s.sampler.sample(l, &s.history),
+            })
         };
         let picks: Vec<Option<(u32, f32)>> = if plan.len() >= 4 {
             running.par_iter_mut().zip(&row).map(pick).collect()
@@ -485,6 +544,7 @@ impl Scheduler {
             }
         }
         crate::profile::stop("sample_detokenize_stream", t);
+        crate::profile::stop("engine_step", t_step);
     }
 
     fn on_token(&self, s: &mut Seq, id: u32, logprob: f32) {

@@ -49,6 +49,12 @@ impl Sampler {
         Self { p, rng }
     }
 
+    /// Whether [`Self::sample`] is a plain argmax of the raw logits (greedy, no penalty):
+    /// then the device may pick the token itself.
+    pub fn is_greedy(&self) -> bool {
+        self.p.temperature <= 0.0 && (self.p.repetition_penalty == 1.0 || self.p.repeat_window == 0)
+    }
+
     /// Picks the next token from `logits` given the tokens so far (prompt + output).
     /// Returns the token and its log-probability under the sampling distribution
     /// (under the plain softmax when greedy).

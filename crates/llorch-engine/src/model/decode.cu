@@ -649,6 +649,38 @@ __device__ void embed(const uint8_t* table, unsigned long long row_bytes, int hi
         xn[(size_t)i * hidden + c] = x[(size_t)i * hidden + c] * rs * nw[c];
 }
 
+// RoPE of one (a, b) pair of a head vector. One function for every kernel that rotates
+// keys, so a key cached by `kv_write` rounds exactly like one an attention kernel rotates.
+__device__ __forceinline__ void rope_pair(const float* src, int a, int b, float sn, float cs,
+                                          float* dst) {
+    const float x0 = src[a] * cs - src[b] * sn, x1 = src[a] * sn + src[b] * cs;
+    dst[a] = x0;
+    dst[b] = x1;
+}
+
+// RoPE on the new keys and the keys/values written to each row's KV slot, before attention,
+// for steps where several rows extend the same sequence (prompt tokens fed through the
+// graph): each row's attention then reads the keys of the rows before it from the cache.
+// A block per (KV head, row), D threads.
+template <int D>
+__device__ void kv_write(const float* qkv, int ldq, float* kc, float* vc, int heads,
+                         int kv_heads, int cap, const float* inv_freq, int interleaved,
+                         const int* pos_a, const int* slot_a, const int* n) {
+    const int i = blockIdx.y;
+    if (i >= *n) return;
+    const int kvh = blockIdx.x, t = threadIdx.x, pos = pos_a[i], slot = slot_a[i];
+    const float* row = qkv + (size_t)i * ldq;
+    const size_t at = (((size_t)slot * kv_heads + kvh) * (size_t)cap + pos) * D;
+    if (t < D / 2) {
+        const int a = interleaved ? 2 * t : t;
+        const int b = interleaved ? 2 * t + 1 : t + D / 2;
+        float sn, cs;
+        sincosf((float)pos * inv_freq[t], &sn, &cs);
+        rope_pair(row + (heads + kvh) * D, a, b, sn, cs, kc + at);
+    }
+    if (t < D) vc[at + t] = row[(heads + kv_heads + kvh) * D + t];
+}
+
 // Decode attention for one (query head, sequence), for small batches (a block per query
 // head keeps the GPU busy where a block per KV head would leave it idle): RoPE on the new query and key, the new
 // key/value written to the sequence's KV slot (by the group's first head), then softmax
@@ -660,7 +692,7 @@ template <int D>
 __device__ void attention_head(const float* qkv, int ldq, float* out, float* kc, float* vc,
                           int heads, int kv_heads, int cap, const float* inv_freq,
                           int interleaved, const int* pos_a, const int* slot_a, const int* n,
-                          float scale) {
+                          float scale, int write_kv) {
     const int i = blockIdx.y;
     if (i >= *n) return;
     const int h = blockIdx.x, group = heads / kv_heads, kvh = h / group;
@@ -680,24 +712,22 @@ __device__ void attention_head(const float* qkv, int ldq, float* out, float* kc,
         const int b = interleaved ? 2 * t + 1 : t + D / 2;
         float s, c;
         sincosf((float)pos * inv_freq[t], &s, &c);
-        qs[a] = q[a] * c - q[b] * s;
-        qs[b] = q[a] * s + q[b] * c;
-        kn[a] = k[a] * c - k[b] * s;
-        kn[b] = k[a] * s + k[b] * c;
+        rope_pair(q, a, b, s, c, qs);
+        rope_pair(k, a, b, s, c, kn);
     }
     if (t < D) vn[t] = v[t];
     __syncthreads();
     const size_t base = ((size_t)slot * kv_heads + kvh) * (size_t)cap * D;
     float* kb = kc + base;
     float* vb = vc + base;
-    if (h % group == 0 && t < D) {
+    if (write_kv && h % group == 0 && t < D) {
         kb[(size_t)pos * D + t] = kn[t];
         vb[(size_t)pos * D + t] = vn[t];
     }
     // pass 1: scores and their maximum
     float mx = -INFINITY;
     for (int j = t; j <= pos; j += blockDim.x) {
-        const float* kr = j == pos ? kn : kb + (size_t)j * D;
+        const float* kr = j == pos && write_kv ? kn : kb + (size_t)j * D;
         float d = 0.f;
 #pragma unroll
         for (int e = 0; e < D; e += 4) {
@@ -760,7 +790,7 @@ template <int D>
 __device__ void attention_group(const float* qkv, int ldq, float* out, float* kc, float* vc,
                           int heads, int kv_heads, int cap, const float* inv_freq,
                           int interleaved, const int* pos_a, const int* slot_a, const int* n,
-                          float scale) {
+                          float scale, int write_kv) {
     const int i = blockIdx.y;
     if (i >= *n) return;
     const int kvh = blockIdx.x, group = heads / kv_heads;
@@ -782,17 +812,14 @@ __device__ void attention_group(const float* qkv, int ldq, float* out, float* kc
         const float* src = hh < group ? row + (kvh * group + hh) * D : row + (heads + kvh) * D;
         float sn, cs;
         sincosf((float)pos * inv_freq[p], &sn, &cs);
-        const float x0 = src[a] * cs - src[b] * sn, x1 = src[a] * sn + src[b] * cs;
-        float* dst = hh < group ? qs[hh] : kn;
-        dst[a] = x0;
-        dst[b] = x1;
+        rope_pair(src, a, b, sn, cs, hh < group ? qs[hh] : kn);
     }
     if (t < D) vn[t] = row[(heads + kv_heads + kvh) * D + t];
     __syncthreads();
     const size_t base = ((size_t)slot * kv_heads + kvh) * (size_t)cap * D;
     float* kb = kc + base;
     float* vb = vc + base;
-    if (t < D) {
+    if (write_kv && t < D) {
         kb[(size_t)pos * D + t] = kn[t];
         vb[(size_t)pos * D + t] = vn[t];
     }
@@ -801,7 +828,7 @@ __device__ void attention_group(const float* qkv, int ldq, float* out, float* kc
 #pragma unroll
     for (int h = 0; h < ATT_GMAX; ++h) mx[h] = -INFINITY;
     for (int j = t; j <= pos; j += ATT_THREADS) {
-        const float* kr = j == pos ? kn : kb + (size_t)j * D;
+        const float* kr = j == pos && write_kv ? kn : kb + (size_t)j * D;
         float d[ATT_GMAX];
 #pragma unroll
         for (int h = 0; h < ATT_GMAX; ++h) d[h] = 0.f;
@@ -929,19 +956,68 @@ MV_ALL(q6_k, T_Q6_K)
     extern "C" __global__ void __launch_bounds__(1024) attention_head_##D(                       \
         const float* qkv, int ldq, float* out, float* kc, float* vc, int heads, int kv_heads,  \
         int cap, const float* inv_freq, int interleaved, const int* pos, const int* slot,      \
-        const int* n, float scale) {            \
+        const int* n, float scale, int write_kv) {                                              \
         attention_head<D>(qkv, ldq, out, kc, vc, heads, kv_heads, cap, inv_freq, interleaved,  \
-                          pos, slot, n, scale);                                   \
+                          pos, slot, n, scale, write_kv);                                       \
     }                                                                                           \
     extern "C" __global__ void __launch_bounds__(ATT_THREADS) attention_group_##D(               \
         const float* qkv, int ldq, float* out, float* kc, float* vc, int heads, int kv_heads,  \
         int cap, const float* inv_freq, int interleaved, const int* pos, const int* slot,      \
-        const int* n, float scale) {            \
+        const int* n, float scale, int write_kv) {                                              \
         attention_group<D>(qkv, ldq, out, kc, vc, heads, kv_heads, cap, inv_freq, interleaved, \
-                           pos, slot, n, scale);                                  \
+                           pos, slot, n, scale, write_kv);                                      \
+    }                                                                                           \
+    extern "C" __global__ void __launch_bounds__(D) kv_write_##D(                               \
+        const float* qkv, int ldq, float* kc, float* vc, int heads, int kv_heads, int cap,     \
+        const float* inv_freq, int interleaved, const int* pos, const int* slot,               \
+        const int* n) {                                                                         \
+        kv_write<D>(qkv, ldq, kc, vc, heads, kv_heads, cap, inv_freq, interleaved, pos, slot, n); \
     }
 
 ATT(64)
 ATT(128)
 
 extern "C" __global__ void __launch_bounds__(256) norm_rows_f32(MvArgs a) { norm_rows(a); }
+
+// Greedy pick of each row: the first index of the largest logit and its log-probability
+// under the softmax (the sampler's greedy path, on the device: a step then downloads 8
+// bytes a sequence instead of its logits). A block per row.
+extern "C" __global__ void __launch_bounds__(1024) greedy_rows(const float* logits, int vocab,
+                                                              const int* n, int* out) {
+    const int i = blockIdx.x;
+    if (i >= *n) return;
+    const float* l = logits + (size_t)i * vocab;
+    const int t = threadIdx.x, lane = t & 31, warp = t >> 5, nw = blockDim.x / 32;
+    __shared__ float bv[32], red[32];
+    __shared__ int bi[32];
+    float best = -INFINITY;
+    int at = 0x7fffffff;
+    for (int j = t; j < vocab; j += blockDim.x) {
+        const float x = l[j];
+        if (x > best) best = x, at = j;
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float v2 = __shfl_xor_sync(0xffffffffu, best, o);
+        const int a2 = __shfl_xor_sync(0xffffffffu, at, o);
+        if (v2 > best || (v2 == best && a2 < at)) best = v2, at = a2;
+    }
+    if (lane == 0) bv[warp] = best, bi[warp] = at;
+    __syncthreads();
+    best = bv[0];
+    at = bi[0];
+    for (int w = 1; w < nw; ++w)
+        if (bv[w] > best || (bv[w] == best && bi[w] < at)) best = bv[w], at = bi[w];
+    float s = 0.f;
+    for (int j = t; j < vocab; j += blockDim.x) s += expf(l[j] - best);
+    s = warp_sum(s);
+    if (lane == 0) red[warp] = s;
+    __syncthreads();
+    if (t == 0) {
+        float den = 0.f;
+        for (int w = 0; w < nw; ++w) den += red[w];
+        const int pick = at == 0x7fffffff ? 0 : at;
+        out[2 * i] = pick;
+        out[2 * i + 1] = __float_as_int(l[pick] - best - logf(den));
+    }
+}

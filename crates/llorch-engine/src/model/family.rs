@@ -87,7 +87,9 @@ struct Linear {
 /// Above this many rows Candle's CUDA quantized matmul switches from its matrix-vector
 /// kernels to the matrix-matrix ones (MMQ), whose 8-bit activation rounding measured
 /// 1.3x the CPU kernels' error against the exact product on the H100 (the vector kernels:
-/// 0.7x; `bench/results/gpu-h100/`). There we dequantize the weight and use cuBLAS f32.
+/// 0.7x; `bench/results/gpu-h100/`). There we dequantize the weight and use cuBLAS on the
+/// tensor cores in TF32 (10-bit mantissas, f32 sums: ~1e-4 relative, still well inside
+/// the MMQ's error; plain f32 GEMM made a 256-token prefill chunk ~4x slower).
 const CUDA_MMQ_ROWS: usize = 8;
 
 impl Linear {
@@ -96,7 +98,7 @@ impl Linear {
         let y = match &self.w {
             Mat::Candle(QMatMul::QTensor(q)) if x.device().is_cuda() && rows > CUDA_MMQ_ROWS => {
                 let w = q.dequantize(x.device())?;
-                x.broadcast_matmul(&w.t()?)?
+                tf32_matmul(x, &w)?
             }
             Mat::Candle(m) => m.forward(x)?,
             Mat::Cpu(m) => m.forward(x)?,
@@ -106,6 +108,22 @@ impl Linear {
             None => y,
         })
     }
+}
+
+/// `x @ w^T` with Candle's f32 GEMM allowed to use TF32 for this product only (Candle's
+/// switch is process-wide; the engine thread is the only one running model operations).
+fn tf32_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    {
+        use candle_core::cuda::{gemm_reduced_precision_f32, set_gemm_reduced_precision_f32};
+        let before = gemm_reduced_precision_f32();
+        set_gemm_reduced_precision_f32(true);
+        let y = x.broadcast_matmul(&w.t()?);
+        set_gemm_reduced_precision_f32(before);
+        Ok(y?)
+    }
+    #[cfg(not(feature = "cuda"))]
+    Ok(x.broadcast_matmul(&w.t()?)?)
 }
 
 /// Projections that read the same input (Q/K/V, gate/up). Stacked into one matrix when
@@ -319,6 +337,14 @@ impl SeqCache {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+}
+
+/// One item's result of a step.
+pub enum RowOut {
+    /// The greedy pick, made on the device.
+    Picked { id: u32, logprob: f32 },
+    /// The last token's logits (`vocab` f32).
+    Logits(Vec<f32>),
 }
 
 /// One entry of a ragged batch: new tokens for one sequence, appended at `cache.len()`.
@@ -666,6 +692,15 @@ impl FamilyModel {
         })
     }
 
+    /// Rows one step can put through the CUDA graph (0 without one).
+    pub fn graph_rows(&self) -> usize {
+        #[cfg(feature = "cuda")]
+        if let Some(g) = &self.graph {
+            return g.lock().unwrap_or_else(|e| e.into_inner()).max_batch();
+        }
+        0
+    }
+
     /// Bytes of KV cache one token of context costs.
     pub fn kv_bytes_per_token(&self) -> usize {
         2 * self.cfg.layers * self.cfg.kv_heads * self.cfg.head_dim * self.dtype.size_in_bytes()
@@ -748,10 +783,38 @@ impl FamilyModel {
     /// `[items, vocab]`, f32.
     pub fn forward(&self, items: &mut [BatchItem<'_>]) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
-        if let Some(out) = self.graph_forward(items)? {
-            return Ok(out);
+        if let Some(rows) = self.graph_forward(items, &vec![false; items.len()])? {
+            let mut out = Vec::with_capacity(rows.len() * self.cfg.vocab);
+            for r in rows {
+                match r {
+                    RowOut::Logits(l) => out.extend_from_slice(&l),
+                    RowOut::Picked { .. } => unreachable!("logits were asked for"),
+                }
+            }
+            return Ok(Tensor::from_vec(
+                out,
+                (items.len(), self.cfg.vocab),
+                &Device::Cpu,
+            )?);
         }
         self.forward_candle(items)
+    }
+
+    /// [`Self::forward`] for the scheduler: an item marked in `greedy` may come back as its
+    /// greedy pick alone (first token of largest logit, log-probability under the softmax)
+    /// when the device can pick it, sparing the logits' download and scan.
+    pub fn forward_rows(
+        &self,
+        items: &mut [BatchItem<'_>],
+        greedy: &[bool],
+    ) -> Result<Vec<RowOut>> {
+        #[cfg(feature = "cuda")]
+        if let Some(rows) = self.graph_forward(items, greedy)? {
+            return Ok(rows);
+        }
+        let _ = greedy;
+        let l = self.forward_candle(items)?.to_vec2::<f32>()?;
+        Ok(l.into_iter().map(RowOut::Logits).collect())
     }
 
     /// [`Self::forward`] through Candle's operations.
@@ -768,7 +831,14 @@ impl FamilyModel {
             spans.push((start, it.tokens.len(), p0));
         }
         let n = ids.len();
-        let pooled = self.pooled_step(items)?;
+        #[cfg(feature = "cuda")]
+        let fast_rows = self.attention_rows_setup(items, &positions)?;
+        #[cfg(not(feature = "cuda"))]
+        let fast_rows: Option<Tensor> = None;
+        let pooled = match fast_rows {
+            Some(_) => None,
+            None => self.pooled_step(items)?,
+        };
         let ids_t = Tensor::from_vec(ids, n, &self.device)?;
         let t = profile::start();
         let mut x = self.embed(&ids_t)?; // [n, hidden]
@@ -790,11 +860,19 @@ impl FamilyModel {
             profile::stop("attn_norm", t);
             let t = profile::start();
             let qkv = layer.qkv.forward(&h)?;
+            profile::stop("qkv_matmul", t);
+            #[cfg(feature = "cuda")]
+            if let Some(rows) = &fast_rows {
+                let t = profile::start();
+                let attn = self.attention_by_rows(li, &qkv, rows)?;
+                profile::stop("attention", t);
+                x = self.layer_rest(layer, x, &attn)?;
+                continue;
+            }
+            let t = profile::start();
             let q = qkv[0].reshape((n, c.heads, 1, c.head_dim))?;
             let k = qkv[1].reshape((n, c.kv_heads, 1, c.head_dim))?;
             let v = qkv[2].reshape((n, c.kv_heads, c.head_dim))?;
-            profile::stop("qkv_matmul", t);
-            let t = profile::start();
             let q = match &layer.q_norm {
                 Some(nrm) => nrm.forward(&q.contiguous()?)?,
                 None => q,
@@ -955,6 +1033,52 @@ impl FamilyModel {
         }
     }
 
+    /// For a Candle-path step of several sequences whose caches are all in the pool, where
+    /// the graph decoder exists: each new token's (position, slot) and the count, on the device, for
+    /// [`super::graph::GraphDecoder::attention_rows`]. `None` otherwise.
+    fn attention_rows_setup(
+        &self,
+        items: &[BatchItem<'_>],
+        positions: &[usize],
+    ) -> Result<Option<Tensor>> {
+        let (Some(_), Some(p)) = (&self.graph, &self.pool) else {
+            return Ok(None);
+        };
+        // one sequence: Candle's attention is a few batched products over its chunk, fewer
+        // launches and less work than a block per (head, token) here
+        if items.len() < 2 {
+            return Ok(None);
+        }
+        let n = positions.len();
+        let mut rows = Vec::with_capacity(2 * n + 1);
+        rows.extend(positions.iter().map(|&x| x as u32));
+        for it in items {
+            match &it.cache.slot {
+                Some(s) if it.cache.len + it.tokens.len() <= p.cap => {
+                    rows.extend(std::iter::repeat_n(s.idx as u32, it.tokens.len()))
+                }
+                _ => return Ok(None),
+            }
+        }
+        rows.push(n as u32);
+        Ok(Some(Tensor::from_vec(rows, 2 * n + 1, &self.device)?))
+    }
+
+    /// One layer's attention of a Candle-path step through the graph decoder's kernels.
+    fn attention_by_rows(&self, li: usize, qkv: &[Tensor], rows: &Tensor) -> Result<Tensor> {
+        let g = self
+            .graph
+            .as_ref()
+            .expect("attention rows without a graph decoder");
+        let qkv = if qkv.len() == 1 {
+            qkv[0].contiguous()?
+        } else {
+            Tensor::cat(qkv, 1)?
+        };
+        let dec = g.lock().unwrap_or_else(|e| e.into_inner());
+        dec.attention_rows(li, &qkv, rows)
+    }
+
     /// What the graph decoder needs, or why it cannot run this model.
     fn graph_plan(&self) -> Result<super::graph::Plan> {
         use crate::error::EngineError;
@@ -1031,46 +1155,51 @@ impl FamilyModel {
         })
     }
 
-    /// Decode items (one token, cache in the pool), up to the graph's largest batch, go
-    /// through the CUDA graph; the other items of the step (prefill chunks, caches outside
-    /// the pool, decoders beyond that batch) through Candle. `None` when nothing fits.
-    fn graph_forward(&self, items: &mut [BatchItem<'_>]) -> Result<Option<Tensor>> {
+    /// Items whose cache is in the pool go through the CUDA graph while its rows last (a
+    /// row per new token: a decoding sequence takes one, a prompt chunk one per token); the
+    /// rest of the step (longer chunks, caches outside the pool) through Candle. `None`
+    /// when nothing fits.
+    fn graph_forward(
+        &self,
+        items: &mut [BatchItem<'_>],
+        greedy: &[bool],
+    ) -> Result<Option<Vec<RowOut>>> {
         let (Some(g), Some(p)) = (&self.graph, &self.pool) else {
             return Ok(None);
         };
         let mut dec = g.lock().unwrap_or_else(|e| e.into_inner());
         let max = dec.max_batch();
-        let mut step = Vec::with_capacity(items.len());
-        let mut on_graph = Vec::with_capacity(items.len());
-        for it in items.iter() {
-            let fits = match &it.cache.slot {
-                Some(s) if it.tokens.len() == 1 && it.cache.len < p.cap && step.len() < max => {
-                    step.push((it.tokens[0], it.cache.len, s.idx));
-                    true
+        let mut rows = Vec::with_capacity(max);
+        // each item's last row on the graph, if it went there; shortest items first, so
+        // decoding sequences keep their rows when a prompt chunk would crowd them out
+        let mut last: Vec<Option<usize>> = vec![None; items.len()];
+        let mut order: Vec<usize> = (0..items.len()).collect();
+        order.sort_by_key(|&k| items[k].tokens.len());
+        let mut want_logits = false;
+        for k in order {
+            let it = &items[k];
+            let t = it.tokens.len();
+            if let Some(s) = &it.cache.slot {
+                if t > 0 && it.cache.len + t <= p.cap && rows.len() + t <= max {
+                    for (j, &tok) in it.tokens.iter().enumerate() {
+                        rows.push((tok, it.cache.len + j, s.idx));
+                    }
+                    last[k] = Some(rows.len() - 1);
+                    want_logits |= !greedy[k];
                 }
-                _ => false,
-            };
-            on_graph.push(fits);
+            }
         }
-        if step.is_empty() {
+        if rows.is_empty() {
             return Ok(None);
         }
         let t = profile::start();
-        let logits = dec.step(&step)?;
+        let out = dec.step(&rows, want_logits)?;
         drop(dec);
         profile::stop("cuda_graph_step", t);
-        let v = self.cfg.vocab;
-        let n = items.len();
-        if step.len() == n {
-            for it in items.iter_mut() {
-                it.cache.len += 1;
-            }
-            return Ok(Some(Tensor::from_vec(logits, (n, v), &Device::Cpu)?));
-        }
-        let mut rest: Vec<BatchItem<'_>> = Vec::with_capacity(n - step.len());
-        for (it, &fits) in items.iter_mut().zip(&on_graph) {
-            if fits {
-                it.cache.len += 1;
+        let mut rest: Vec<BatchItem<'_>> = Vec::new();
+        for (it, l) in items.iter_mut().zip(&last) {
+            if l.is_some() {
+                it.cache.len += it.tokens.len();
             } else {
                 rest.push(BatchItem {
                     cache: &mut *it.cache,
@@ -1078,18 +1207,25 @@ impl FamilyModel {
                 });
             }
         }
-        let other = self.forward_candle(&mut rest)?.to_vec2::<f32>()?;
-        let mut out = Vec::with_capacity(n * v);
-        let (mut gi, mut oi) = (0, 0);
-        for fits in on_graph {
-            if fits {
-                out.extend_from_slice(&logits[gi * v..(gi + 1) * v]);
-                gi += 1;
-            } else {
-                out.extend_from_slice(&other[oi]);
-                oi += 1;
-            }
+        let mut other = if rest.is_empty() {
+            Vec::new()
+        } else {
+            self.forward_candle(&mut rest)?.to_vec2::<f32>()?
         }
-        Ok(Some(Tensor::from_vec(out, (n, v), &Device::Cpu)?))
+        .into_iter();
+        let v = self.cfg.vocab;
+        let mut res = Vec::with_capacity(items.len());
+        for (k, l) in last.iter().enumerate() {
+            res.push(match (l, &out.logits) {
+                (Some(r), _) if greedy[k] => {
+                    let (id, logprob) = out.picks[*r];
+                    RowOut::Picked { id, logprob }
+                }
+                (Some(r), Some(lg)) => RowOut::Logits(lg[r * v..(r + 1) * v].to_vec()),
+                (Some(_), None) => unreachable!("logits are downloaded when an item needs them"),
+                (None, _) => RowOut::Logits(other.next().expect("a Candle row per item left")),
+            });
+        }
+        Ok(Some(res))
     }
 }

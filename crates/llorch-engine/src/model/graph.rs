@@ -164,6 +164,21 @@ fn mat(q: &QTensor) -> Result<Mat> {
     })
 }
 
+/// Device address of a contiguous u32 tensor.
+fn ptr_u32(t: &Tensor, stream: &CudaStream) -> Result<u64> {
+    let (st, layout) = t.storage_and_layout();
+    match &*st {
+        Storage::Cuda(cs) if t.is_contiguous() => {
+            let s = cs.as_cuda_slice::<u32>()?;
+            let (p, _sync) = s.device_ptr(stream);
+            Ok(p + 4 * layout.start_offset() as u64)
+        }
+        _ => Err(unsupported(
+            "index tensor is not contiguous on the GPU".into(),
+        )),
+    }
+}
+
 /// Device address of a contiguous f32 tensor (kept alive by the plan).
 fn ptr(t: &Tensor, stream: &CudaStream) -> Result<u64> {
     if !t.is_contiguous() || t.dtype() != candle_core::DType::F32 {
@@ -194,6 +209,14 @@ struct LayerDev {
     v: u64,
 }
 
+/// What a step returns.
+pub struct StepOut {
+    /// Each row's greedy pick: the first token of largest logit and its log-probability.
+    pub picks: Vec<(u32, f32)>,
+    /// `[rows * vocab]` logits, when asked for.
+    pub logits: Option<Vec<f32>>,
+}
+
 /// Buffers allocated once for [`MAX_BATCH`] rows.
 struct Buffers {
     x: CudaSlice<f32>,
@@ -207,6 +230,8 @@ struct Buffers {
     /// tokens, positions, slots (`MAX_BATCH` each) and the batch size
     params: CudaSlice<i32>,
     inv_freq: CudaSlice<f32>,
+    /// each row's greedy pick: token id and log-probability (f32 bits)
+    picks: CudaSlice<i32>,
 }
 
 #[derive(Clone, Copy)]
@@ -221,6 +246,7 @@ struct Addrs {
     counter: u64,
     params: u64,
     inv_freq: u64,
+    picks: u64,
 }
 
 pub struct GraphDecoder {
@@ -239,7 +265,8 @@ pub struct GraphDecoder {
     /// Device addresses of `buf`, taken once: during capture, asking a buffer for its
     /// address would enqueue a wait on an event from outside the graph (capture error).
     at: Addrs,
-    graphs: HashMap<usize, CudaGraph>,
+    /// Captured steps by (bucket, whether rows may extend the same sequence).
+    graphs: HashMap<(usize, bool), CudaGraph>,
     /// `LLORCH_CUDA_GRAPH=eager`: launch the kernels without capturing (debugging).
     eager: bool,
     /// Largest bucket: [`MAX_BATCH`] where the tensor-core kernels apply, else 4.
@@ -341,7 +368,11 @@ impl GraphDecoder {
                 "CUDA graph decode: batches over 4 take Candle (no tensor-core kernels for this shape)"
             );
         }
-        let mut names = vec![format!("attention_head_{}", plan.head_dim)];
+        let mut names = vec![
+            format!("attention_head_{}", plan.head_dim),
+            format!("kv_write_{}", plan.head_dim),
+            "greedy_rows".into(),
+        ];
         if mm_ok {
             names.push(format!("attention_group_{}", plan.head_dim));
         }
@@ -389,6 +420,7 @@ impl GraphDecoder {
             counter: stream.alloc_zeros::<u32>(1).map_err(drv)?,
             params: stream.alloc_zeros::<i32>(3 * nb + 1).map_err(drv)?,
             inv_freq,
+            picks: stream.alloc_zeros::<i32>(2 * nb).map_err(drv)?,
         };
         let at = Addrs {
             x: dptr(&buf.x, &stream),
@@ -401,6 +433,7 @@ impl GraphDecoder {
             counter: dptr(&buf.counter, &stream),
             params: dptr(&buf.params, &stream),
             inv_freq: dptr(&buf.inv_freq, &stream),
+            picks: dptr(&buf.picks, &stream),
         };
         stream.synchronize().map_err(drv)?;
         let out_norm = ptr(&plan.out_norm, &stream)?;
@@ -420,6 +453,80 @@ impl GraphDecoder {
             eager,
             max_batch: if mm_ok { MAX_BATCH } else { 4 },
         })
+    }
+
+    /// Attention of one layer for a step on Candle's path (prompt chunks longer than the
+    /// graph's rows): `qkv` is `[n, (heads + 2 kv_heads) * head_dim]` f32 before RoPE,
+    /// `rows` (u32 on the device) holds each row's position, then each row's pool slot,
+    /// then `n`. Keys and values go to the pool, then each row attends to its sequence's
+    /// positions up to its own, with the same kernels as the graph. Launched on Candle's
+    /// stream, in order with its operations. Through Candle this was a dozen operations
+    /// per sequence and layer (~0.8 ms a layer for a dozen prompts, launch-bound).
+    pub fn attention_rows(&self, layer: usize, qkv: &Tensor, rows: &Tensor) -> Result<Tensor> {
+        let p = &self.plan;
+        let (n, width) = qkv.dims2()?;
+        let (heads, kv_heads, cap) = (p.heads as i32, p.kv_heads as i32, p.cap as i32);
+        if width != (p.heads + 2 * p.kv_heads) * p.head_dim || rows.elem_count() != 2 * n + 1 {
+            return Err(unsupported("attention rows of unexpected shapes".into()));
+        }
+        let s = &self.candle;
+        let out = Tensor::zeros(
+            (n, p.heads * p.head_dim),
+            candle_core::DType::F32,
+            qkv.device(),
+        )?;
+        let (q, o, r) = (ptr(qkv, s)?, ptr(&out, s)?, ptr_u32(rows, s)?);
+        let (pos, slot, count) = (r, r + 4 * n as u64, r + 8 * n as u64);
+        let l = &self.layers[layer];
+        let ldq = width as i32;
+        let interleaved = p.rope_interleaved as i32;
+        let scale = 1f32 / (p.head_dim as f32).sqrt();
+        let write_kv = 0i32;
+        let mut lb = s.launch_builder(&self.funcs[&format!("kv_write_{}", p.head_dim)]);
+        lb.arg(&q)
+            .arg(&ldq)
+            .arg(&l.k)
+            .arg(&l.v)
+            .arg(&heads)
+            .arg(&kv_heads)
+            .arg(&cap)
+            .arg(&self.at.inv_freq)
+            .arg(&interleaved)
+            .arg(&pos)
+            .arg(&slot)
+            .arg(&count);
+        let cfg = LaunchConfig {
+            grid_dim: (p.kv_heads as u32, n as u32, 1),
+            block_dim: (p.head_dim as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the caller checked positions < cap and slots < the pool's slots; `qkv`
+        // holds n rows of `width`.
+        unsafe { lb.launch(cfg) }.map_err(drv)?;
+        let mut lb = s.launch_builder(&self.funcs[&format!("attention_head_{}", p.head_dim)]);
+        lb.arg(&q)
+            .arg(&ldq)
+            .arg(&o)
+            .arg(&l.k)
+            .arg(&l.v)
+            .arg(&heads)
+            .arg(&kv_heads)
+            .arg(&cap)
+            .arg(&self.at.inv_freq)
+            .arg(&interleaved)
+            .arg(&pos)
+            .arg(&slot)
+            .arg(&count)
+            .arg(&scale)
+            .arg(&write_kv);
+        let cfg = LaunchConfig {
+            grid_dim: (p.heads as u32, n as u32, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: 4 * p.cap as u32,
+        };
+        // SAFETY: as above; `out` holds n rows of heads * head_dim.
+        unsafe { lb.launch(cfg) }.map_err(drv)?;
+        Ok(out)
     }
 
     /// Largest number of sequences one step can take.
@@ -490,8 +597,10 @@ impl GraphDecoder {
         Ok(())
     }
 
-    /// Enqueues one whole decode step for a batch bucket of `nb` rows.
-    fn enqueue(&self, nb: usize) -> Result<()> {
+    /// Enqueues one whole step for a batch bucket of `nb` rows. With `prefill`, rows may
+    /// extend the same sequence (consecutive prompt positions): keys and values are written
+    /// to the cache for all rows before attention reads them.
+    fn enqueue(&self, nb: usize, prefill: bool) -> Result<()> {
         let p = &self.plan;
         let s = &self.stream;
         let a = self.at;
@@ -551,6 +660,7 @@ impl GraphDecoder {
         let inv_freq = a.inv_freq;
         let interleaved = p.rope_interleaved as i32;
         let scale = 1f32 / (p.head_dim as f32).sqrt();
+        let write_kv = (!prefill) as i32;
         for (li, l) in self.layers.iter().enumerate() {
             // the norm that reads the residual stream after this layer
             let next_norm = match self.layers.get(li + 1) {
@@ -573,6 +683,28 @@ impl GraphDecoder {
                 )?;
             }
             let t = crate::profile::start();
+            if prefill {
+                let mut lb = s.launch_builder(&self.funcs[&format!("kv_write_{}", p.head_dim)]);
+                lb.arg(&qkv)
+                    .arg(&qkv_w)
+                    .arg(&l.k)
+                    .arg(&l.v)
+                    .arg(&heads)
+                    .arg(&kv_heads)
+                    .arg(&cap)
+                    .arg(&inv_freq)
+                    .arg(&interleaved)
+                    .arg(&pos)
+                    .arg(&slot)
+                    .arg(&n);
+                let cfg = LaunchConfig {
+                    grid_dim: (p.kv_heads as u32, nb as u32, 1),
+                    block_dim: (p.head_dim as u32, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                // SAFETY: as for attention below.
+                unsafe { lb.launch(cfg) }.map_err(drv)?;
+            }
             let mut lb = s.launch_builder(att_f);
             lb.arg(&qkv)
                 .arg(&qkv_w)
@@ -587,7 +719,8 @@ impl GraphDecoder {
                 .arg(&pos)
                 .arg(&slot)
                 .arg(&n)
-                .arg(&scale);
+                .arg(&scale)
+                .arg(&write_kv);
             let cfg = LaunchConfig {
                 grid_dim: (att_grid as u32, nb as u32, 1),
                 block_dim: (att_threads, 1, 1),
@@ -648,14 +781,26 @@ impl GraphDecoder {
                 mode: MODE_PLAIN,
                 ..base
             },
-        )
+        )?;
+        let t = crate::profile::start();
+        let mut lb = s.launch_builder(&self.funcs["greedy_rows"]);
+        let vocab = p.vocab as i32;
+        lb.arg(&a.logits).arg(&vocab).arg(&n).arg(&a.picks);
+        let cfg = LaunchConfig {
+            grid_dim: (nb as u32, 1, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: `logits` holds MAX_BATCH rows of `vocab`, `picks` two values per row.
+        unsafe { lb.launch(cfg) }.map_err(drv)?;
+        self.timed("gpu_greedy", t)
     }
 
-    fn capture(&self, nb: usize) -> Result<CudaGraph> {
+    fn capture(&self, nb: usize, prefill: bool) -> Result<CudaGraph> {
         self.stream
             .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
             .map_err(drv)?;
-        let queued = self.enqueue(nb);
+        let queued = self.enqueue(nb, prefill);
         let g = self
             .stream
             .end_capture(sys::CUgraphInstantiate_flags_enum(0))
@@ -664,20 +809,26 @@ impl GraphDecoder {
         g.ok_or_else(|| unsupported("empty capture".into()))
     }
 
-    /// One decode step: `(token, position, slot)` per sequence; returns `[n * vocab]` logits.
-    pub fn step(&mut self, items: &[(u32, usize, usize)]) -> Result<Vec<f32>> {
+    /// One step over `(token, position, slot)` rows: a decoding sequence's next token, or
+    /// prompt tokens of a sequence at consecutive positions (rows of one sequence in
+    /// position order). Returns each row's greedy pick and, with `logits`, all rows'
+    /// logits (`[n * vocab]`).
+    pub fn step(&mut self, items: &[(u32, usize, usize)], logits: bool) -> Result<StepOut> {
         let n = items.len();
         let p = &self.plan;
         if n == 0 || n > self.max_batch {
             return Err(unsupported(format!("batch of {n}")));
         }
         let mut params = vec![0i32; 3 * MAX_BATCH + 1];
+        let mut seen = vec![false; p.slots];
+        let mut prefill = false;
         for (i, &(tok, pos, slot)) in items.iter().enumerate() {
             if tok as usize >= p.vocab || pos >= p.cap || slot >= p.slots {
                 return Err(unsupported(format!(
                     "token {tok} / position {pos} / slot {slot} out of range"
                 )));
             }
+            prefill |= std::mem::replace(&mut seen[slot], true);
             params[i] = tok as i32;
             params[MAX_BATCH + i] = pos as i32;
             params[2 * MAX_BATCH + i] = slot as i32;
@@ -689,13 +840,13 @@ impl GraphDecoder {
             .memcpy_htod(&params, &mut self.buf.params)
             .map_err(drv)?;
         if self.eager {
-            self.enqueue(nb)?;
+            self.enqueue(nb, prefill)?;
         } else {
-            if !self.graphs.contains_key(&nb) {
-                match self.capture(nb) {
+            if !self.graphs.contains_key(&(nb, prefill)) {
+                match self.capture(nb, prefill) {
                     Ok(g) => {
-                        tracing::debug!(batch = nb, "captured a CUDA graph of the decode step");
-                        self.graphs.insert(nb, g);
+                        tracing::debug!(batch = nb, prefill, "captured a CUDA graph of a step");
+                        self.graphs.insert((nb, prefill), g);
                     }
                     Err(e) => {
                         // the same kernels still run, launched one by one
@@ -704,17 +855,30 @@ impl GraphDecoder {
                     }
                 }
             }
-            match self.graphs.get(&nb) {
+            match self.graphs.get(&(nb, prefill)) {
                 Some(g) if !self.eager => g.launch().map_err(drv)?,
-                _ => self.enqueue(nb)?,
+                _ => self.enqueue(nb, prefill)?,
             }
         }
-        let v = self.plan.vocab;
-        let mut out = vec![0f32; n * v];
+        let mut picks = vec![0i32; 2 * n];
         self.stream
-            .memcpy_dtoh(&self.buf.logits.slice(..n * v), &mut out)
+            .memcpy_dtoh(&self.buf.picks.slice(..2 * n), &mut picks)
             .map_err(drv)?;
+        let logits = if logits {
+            let v = self.plan.vocab;
+            let mut out = vec![0f32; n * v];
+            self.stream
+                .memcpy_dtoh(&self.buf.logits.slice(..n * v), &mut out)
+                .map_err(drv)?;
+            Some(out)
+        } else {
+            None
+        };
         self.stream.synchronize().map_err(drv)?;
-        Ok(out)
+        let picks = picks
+            .chunks_exact(2)
+            .map(|c| (c[0] as u32, f32::from_bits(c[1] as u32)))
+            .collect();
+        Ok(StepOut { picks, logits })
     }
 }

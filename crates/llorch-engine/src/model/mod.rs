@@ -19,6 +19,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
 use crate::tokenizer::Tokenizer;
+pub use family::RowOut;
 use family::{Activation, Arch, BatchItem, FamilyConfig, FamilyModel, SeqCache};
 
 pub const SUPPORTED_GGUF: &str = "llama, mistral, qwen2, qwen3, gemma3, phi3";
@@ -104,24 +105,19 @@ impl Network {
         }
     }
 
+    /// Rows a step can put through the fused CUDA-graph kernels (a row per new token);
+    /// 0 where there is no such path. The scheduler sizes short prompt chunks to fit.
+    pub fn graph_rows(&self) -> usize {
+        match self {
+            Network::Family(m) => m.graph_rows(),
+            Network::Phi3(_) => 0,
+        }
+    }
+
     /// Feeds new tokens for each sequence; returns last-token logits `[n, vocab]` (f32).
     pub fn forward(&mut self, batch: &mut [(&mut SeqState, &[u32])]) -> Result<Tensor> {
         match self {
-            Network::Family(m) => {
-                let mut items: Vec<BatchItem<'_>> = batch
-                    .iter_mut()
-                    .map(|(s, t)| match s {
-                        SeqState::Family(c) => BatchItem {
-                            cache: c,
-                            tokens: t,
-                        },
-                        SeqState::Single { .. } => {
-                            unreachable!("family model with a single-sequence state")
-                        }
-                    })
-                    .collect();
-                m.forward(&mut items)
-            }
+            Network::Family(m) => m.forward(&mut family_items(batch)),
             Network::Phi3(p) => {
                 if batch.len() != 1 {
                     return Err(EngineError::Device(
@@ -138,6 +134,37 @@ impl Network {
             }
         }
     }
+
+    /// [`Self::forward`] for the scheduler: sequences marked in `greedy` may come back as
+    /// their greedy pick made on the device ([`RowOut::Picked`]), the others as logits.
+    pub fn forward_rows(
+        &mut self,
+        batch: &mut [(&mut SeqState, &[u32])],
+        greedy: &[bool],
+    ) -> Result<Vec<RowOut>> {
+        match self {
+            Network::Family(m) => m.forward_rows(&mut family_items(batch), greedy),
+            Network::Phi3(_) => Ok(self
+                .forward(batch)?
+                .to_vec2::<f32>()?
+                .into_iter()
+                .map(RowOut::Logits)
+                .collect()),
+        }
+    }
+}
+
+fn family_items<'a>(batch: &'a mut [(&mut SeqState, &[u32])]) -> Vec<BatchItem<'a>> {
+    batch
+        .iter_mut()
+        .map(|(s, t)| match s {
+            SeqState::Family(c) => BatchItem {
+                cache: c,
+                tokens: t,
+            },
+            SeqState::Single { .. } => unreachable!("family model with a single-sequence state"),
+        })
+        .collect()
 }
 
 pub struct LoadedModel {

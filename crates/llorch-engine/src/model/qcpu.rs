@@ -1,13 +1,17 @@
-//! CPU matmul for GGUF's legacy 32-weight block types Q4_1 and Q5_0 (AVX2).
+//! CPU matmul for GGUF's 32-weight block types Q4_1, Q5_0 and Q8_0 (AVX2).
 //!
-//! Why our own: Candle 0.11's CPU `vec_dot` for these two types is scalar (3-4 GB/s of
+//! Why our own: Candle 0.11's CPU `vec_dot` for Q4_1 and Q5_0 is scalar (3-4 GB/s of
 //! weights here), and they are what the default model (SmolLM2 Q4_1) and parts of
-//! Qwen2.5 Q4_K_M are made of. The arithmetic is llama.cpp's (`ggml_vec_dot_q4_1_q8_1`,
-//! `ggml_vec_dot_q5_0_q8_0`): activations quantized per 32 values to 8 bits with an f16
-//! scale, integer dot products per block, f32 accumulation, so results stay within float
-//! rounding of llama.cpp's. The kernel is batch-aware: each block of weights is unpacked
-//! once into a register and multiplied with up to [`ROWS`] activation rows, so a batched
-//! decode step reads and unpacks every weight once, not once per sequence.
+//! Qwen2.5 Q4_K_M are made of; its Q8_0 kernel (SmolLM2's tied embeddings/LM head) is
+//! vectorized but takes one activation row at a time. The arithmetic is llama.cpp's
+//! (`ggml_vec_dot_q4_1_q8_1`, `ggml_vec_dot_q5_0_q8_0`, `ggml_vec_dot_q8_0_q8_0`):
+//! activations quantized per 32 values to 8 bits with an f16 scale, integer dot products
+//! per block, f32 accumulation, so results stay within float rounding of llama.cpp's. The
+//! kernel is batch-aware: each block of weights is unpacked once into a register and
+//! multiplied with up to [`ROWS`] activation rows, so a batched decode step reads and
+//! unpacks every weight once, not once per sequence; the per-block scale products of all
+//! those rows take one vector multiply, so the per-row work is four vector instructions
+//! per block (a batched step on two cores is bound by these, not by memory).
 //!
 //! Other types, and CPUs without AVX2, stay on Candle's `QMatMul`.
 
@@ -19,7 +23,8 @@ use crate::error::Result;
 
 const QK: usize = 32;
 /// Activation rows one kernel call handles per weight block (register budget: one
-/// accumulator per row plus the unpacked weights fit AVX2's 16 registers).
+/// accumulator per row plus the unpacked weights fit AVX2's 16 registers; also the lanes
+/// of one f32 vector, which holds the rows' per-block scales).
 const ROWS: usize = 8;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,6 +33,8 @@ pub enum Kind {
     Q4_1,
     /// d: f16, 4 bytes of high bits, 16 bytes of nibbles; w = d * (q - 16).
     Q5_0,
+    /// d: f16, 32 signed bytes; w = d * q.
+    Q8_0,
 }
 
 impl Kind {
@@ -35,6 +42,7 @@ impl Kind {
         match self {
             Kind::Q4_1 => 20,
             Kind::Q5_0 => 22,
+            Kind::Q8_0 => 34,
         }
     }
 }
@@ -51,14 +59,22 @@ pub struct QMat {
 struct Act {
     k: usize,
     qs: Vec<i8>,
-    /// Per block: the scale (rounded through f16 like the GGUF block would store it).
-    d: Vec<f32>,
-    /// Per block: d * sum(qs) rounded through f16 (Q8_1's `s`, used by Q4_1's offset).
-    s: Vec<f32>,
+    /// Rows rounded up to [`ROWS`]: the row stride of `dt` and `st`.
+    mp: usize,
+    /// Per block, then row (`[k / 32][mp]`, so one load takes [`ROWS`] rows): the scale,
+    /// rounded through f16 like the GGUF block would store it.
+    dt: Vec<f32>,
+    /// Likewise: d * sum(qs) rounded through f16 (Q8_1's `s`, used by Q4_1's offset).
+    st: Vec<f32>,
+    /// With AVX-512 VNNI, per row and block, eight i32 lanes: minus the weight type's
+    /// unsigned offset (128 for Q8_0, 16 for Q5_0) times the sum of each lane's four
+    /// activations. `vpdpbusd` multiplies unsigned by signed bytes; started from these,
+    /// it sums (w + offset) * x into exactly w * x. Empty where unused.
+    init: Vec<i32>,
 }
 
 impl QMat {
-    /// Takes the matrix over when it is a CPU Q4_1/Q5_0 tensor and this CPU has AVX2;
+    /// Takes the matrix over when it is a CPU Q4_1/Q5_0/Q8_0 tensor and this CPU has AVX2;
     /// `None` leaves it to Candle.
     pub fn from_qtensor(t: &QTensor) -> Result<Option<Self>> {
         if !cfg!(all(target_arch = "x86_64", target_feature = "avx2")) {
@@ -67,6 +83,7 @@ impl QMat {
         let kind = match t.dtype() {
             GgmlDType::Q4_1 => Kind::Q4_1,
             GgmlDType::Q5_0 => Kind::Q5_0,
+            GgmlDType::Q8_0 => Kind::Q8_0,
             _ => return Ok(None),
         };
         if !matches!(t.device(), Device::Cpu) {
@@ -89,7 +106,7 @@ impl QMat {
         let dims = x.dims().to_vec();
         let m = x.elem_count() / self.k;
         let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
-        let act = quantize(&xs, m, self.k);
+        let act = quantize(&xs, m, self.k, self.kind);
         let mut out_t = vec![0f32; self.n * m]; // [n, m]: a task owns whole weight rows
         let row_bytes = self.k / QK * self.kind.block_bytes();
         let out_ptr = out_t.as_mut_ptr() as usize;
@@ -137,6 +154,7 @@ impl QMat {
                         match self.kind {
                             Kind::Q4_1 => avx2::q4_1::<$r>(w, act, r0, out),
                             Kind::Q5_0 => avx2::q5_0::<$r>(w, act, r0, out),
+                            Kind::Q8_0 => avx2::q8_0::<$r>(w, act, r0, out),
                         }
                     }
                 };
@@ -163,15 +181,19 @@ impl QMat {
 
 /// llama.cpp's `quantize_row_q8_1` (AVX2 flavour): scale = amax / 127, values rounded to
 /// nearest even, `s` = scale * sum of the quantized values.
-fn quantize(xs: &[f32], m: usize, k: usize) -> Act {
+fn quantize(xs: &[f32], m: usize, k: usize, kind: Kind) -> Act {
     let nb = k / QK;
+    let mp = m.div_ceil(ROWS) * ROWS;
     let mut act = Act {
         k,
         qs: vec![0; m * k],
-        d: vec![0.0; m * nb],
-        s: vec![0.0; m * nb],
+        mp,
+        dt: vec![0.0; nb * mp],
+        st: vec![0.0; nb * mp],
+        init: Vec::new(),
     };
-    for (b, (x, q)) in xs.chunks(QK).zip(act.qs.chunks_mut(QK)).enumerate() {
+    for (i, (x, q)) in xs.chunks(QK).zip(act.qs.chunks_mut(QK)).enumerate() {
+        let (r, b) = (i / nb, i % nb);
         let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
         let d = amax / 127.0;
         let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
@@ -180,8 +202,24 @@ fn quantize(xs: &[f32], m: usize, k: usize) -> Act {
             *qi = (xi * id).round_ties_even() as i8;
             sum += *qi as i32;
         }
-        act.d[b] = f16::from_f32(d).to_f32();
-        act.s[b] = f16::from_f32(d * sum as f32).to_f32();
+        act.dt[b * mp + r] = f16::from_f32(d).to_f32();
+        act.st[b * mp + r] = f16::from_f32(d * sum as f32).to_f32();
+    }
+    let offset = match kind {
+        Kind::Q4_1 => 0,
+        Kind::Q5_0 => 16,
+        Kind::Q8_0 => 128,
+    };
+    if cfg!(all(
+        target_feature = "avx512vnni",
+        target_feature = "avx512vl"
+    )) && offset != 0
+    {
+        act.init = act
+            .qs
+            .chunks(4)
+            .map(|q| -offset * q.iter().map(|&v| v as i32).sum::<i32>())
+            .collect();
     }
     act
 }
@@ -230,65 +268,143 @@ mod avx2 {
         _mm256_cmpeq_epi8(_mm256_or_si256(bytes, bit), _mm256_set1_epi64x(-1))
     }
 
+    /// This block's weight scale times each row's activation scale, for the `ROWS` rows
+    /// from `r0` (one vector multiply), to be broadcast per row from `dd`.
+    #[inline(always)]
+    unsafe fn scales(d: f32, a: &Act, b: usize, r0: usize, dd: &mut [f32; 8]) {
+        let ad = _mm256_loadu_ps(a.dt.as_ptr().add(b * a.mp + r0));
+        _mm256_storeu_ps(dd.as_mut_ptr(), _mm256_mul_ps(_mm256_set1_ps(d), ad));
+    }
+
+    /// Eight i32 lanes, each the sum of four products of `w`'s unsigned and `x`'s signed
+    /// bytes, added to `init`: one `vpdpbusd` with AVX-512 VNNI, else AVX2's
+    /// `vpmaddubsw` + `vpmaddwd` (whose 16-bit pair sums cannot saturate here: weights are
+    /// at most 31, or 128 in magnitude against activations of at most 127).
+    #[inline(always)]
+    unsafe fn dot(init: __m256i, w: __m256i, x: __m256i) -> __m256i {
+        #[cfg(all(target_feature = "avx512vnni", target_feature = "avx512vl"))]
+        {
+            _mm256_dpbusd_epi32(init, w, x)
+        }
+        #[cfg(not(all(target_feature = "avx512vnni", target_feature = "avx512vl")))]
+        {
+            let p = _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1));
+            _mm256_add_epi32(init, p)
+        }
+    }
+
+    const VNNI: bool = cfg!(all(
+        target_feature = "avx512vnni",
+        target_feature = "avx512vl"
+    ));
+
+    /// The offset correction of row `row`, block `b` (see `Act::init`).
+    #[inline(always)]
+    unsafe fn init(a: &Act, row: usize, b: usize) -> __m256i {
+        _mm256_loadu_si256(a.init.as_ptr().add((row * (a.k / QK) + b) * 8) as *const __m256i)
+    }
+
+    /// Row `row`'s 32 quantized activations of block `b`.
+    #[inline(always)]
+    unsafe fn act(a: &Act, row: usize, b: usize) -> __m256i {
+        _mm256_loadu_si256(a.qs.as_ptr().add(row * a.k + b * QK) as *const __m256i)
+    }
+
+    #[inline(always)]
+    unsafe fn finish<const R: usize>(acc: &[__m256; R], extra: __m256, out: &mut [f32]) {
+        let mut e = [0f32; 8];
+        _mm256_storeu_ps(e.as_mut_ptr(), extra);
+        for r in 0..R {
+            out[r] = hsum(acc[r]) + e[r];
+        }
+    }
+
     pub(super) unsafe fn q4_1<const R: usize>(w: &[u8], a: &Act, r0: usize, out: &mut [f32]) {
         let nb = a.k / QK;
-        let ones = _mm256_set1_epi16(1);
         let mut acc = [_mm256_setzero_ps(); R];
-        let mut summs = [0f32; R];
+        // the offset term m * s of every row at once (lanes = rows)
+        let mut summ = _mm256_setzero_ps();
+        let mut dd = [0f32; 8];
         let wp = w.as_ptr();
         for b in 0..nb {
             let blk = wp.add(b * 20);
-            let d = f16_at(blk);
-            let m = f16_at(blk.add(2));
+            scales(f16_at(blk), a, b, r0, &mut dd);
+            let sv = _mm256_loadu_ps(a.st.as_ptr().add(b * a.mp + r0));
+            summ = _mm256_fmadd_ps(_mm256_set1_ps(f16_at(blk.add(2))), sv, summ);
             let q4 = nibbles(blk.add(4));
             for r in 0..R {
-                let row = r0 + r;
-                let q8 =
-                    _mm256_loadu_si256(a.qs.as_ptr().add(row * a.k + b * QK) as *const __m256i);
-                let p = _mm256_madd_epi16(_mm256_maddubs_epi16(q4, q8), ones);
-                let ab = row * nb + b;
+                let p = dot(_mm256_setzero_si256(), q4, act(a, r0 + r, b));
                 acc[r] =
-                    _mm256_fmadd_ps(_mm256_set1_ps(d * a.d[ab]), _mm256_cvtepi32_ps(p), acc[r]);
-                summs[r] += m * a.s[ab];
+                    _mm256_fmadd_ps(_mm256_broadcast_ss(&dd[r]), _mm256_cvtepi32_ps(p), acc[r]);
             }
         }
-        for r in 0..R {
-            out[r] = hsum(acc[r]) + summs[r];
-        }
+        finish(&acc, summ, out);
     }
 
     pub(super) unsafe fn q5_0<const R: usize>(w: &[u8], a: &Act, r0: usize, out: &mut [f32]) {
         let nb = a.k / QK;
-        let ones = _mm256_set1_epi16(1);
         let high = _mm256_set1_epi8(0xF0_u8 as i8);
         let mut acc = [_mm256_setzero_ps(); R];
+        let mut dd = [0f32; 8];
         let wp = w.as_ptr();
         for b in 0..nb {
             let blk = wp.add(b * 22);
-            let d = f16_at(blk);
+            scales(f16_at(blk), a, b, r0, &mut dd);
             let qh = u32::from_le_bytes([*blk.add(2), *blk.add(3), *blk.add(4), *blk.add(5)]);
             // q - 16 as a signed byte: the nibble, with 0xF0 or-ed in where the 5th bit is 0.
             let x = _mm256_or_si256(
                 nibbles(blk.add(6)),
                 _mm256_andnot_si256(bits_to_bytes(qh), high),
             );
+            if VNNI {
+                // q = w + 16 as an unsigned byte
+                let q = _mm256_add_epi8(x, _mm256_set1_epi8(16));
+                for r in 0..R {
+                    let p = dot(init(a, r0 + r, b), q, act(a, r0 + r, b));
+                    acc[r] =
+                        _mm256_fmadd_ps(_mm256_broadcast_ss(&dd[r]), _mm256_cvtepi32_ps(p), acc[r]);
+                }
+                continue;
+            }
             let ax = _mm256_sign_epi8(x, x);
             for r in 0..R {
-                let row = r0 + r;
-                let q8 =
-                    _mm256_loadu_si256(a.qs.as_ptr().add(row * a.k + b * QK) as *const __m256i);
-                let sy = _mm256_sign_epi8(q8, x);
-                let p = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, sy), ones);
-                acc[r] = _mm256_fmadd_ps(
-                    _mm256_set1_ps(d * a.d[row * nb + b]),
-                    _mm256_cvtepi32_ps(p),
-                    acc[r],
-                );
+                let sy = _mm256_sign_epi8(act(a, r0 + r, b), x);
+                let p = dot(_mm256_setzero_si256(), ax, sy);
+                acc[r] =
+                    _mm256_fmadd_ps(_mm256_broadcast_ss(&dd[r]), _mm256_cvtepi32_ps(p), acc[r]);
             }
         }
-        for r in 0..R {
-            out[r] = hsum(acc[r]);
+        finish(&acc, _mm256_setzero_ps(), out);
+    }
+
+    pub(super) unsafe fn q8_0<const R: usize>(w: &[u8], a: &Act, r0: usize, out: &mut [f32]) {
+        let nb = a.k / QK;
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut dd = [0f32; 8];
+        let wp = w.as_ptr();
+        for b in 0..nb {
+            let blk = wp.add(b * 34);
+            scales(f16_at(blk), a, b, r0, &mut dd);
+            let x = _mm256_loadu_si256(blk.add(2) as *const __m256i);
+            if VNNI {
+                // q = w + 128 as an unsigned byte
+                let q = _mm256_xor_si256(x, _mm256_set1_epi8(0x80_u8 as i8));
+                for r in 0..R {
+                    let p = dot(init(a, r0 + r, b), q, act(a, r0 + r, b));
+                    acc[r] =
+                        _mm256_fmadd_ps(_mm256_broadcast_ss(&dd[r]), _mm256_cvtepi32_ps(p), acc[r]);
+                }
+                continue;
+            }
+            let ax = _mm256_sign_epi8(x, x);
+            for r in 0..R {
+                let sy = _mm256_sign_epi8(act(a, r0 + r, b), x);
+                let p = dot(_mm256_setzero_si256(), ax, sy);
+                acc[r] =
+                    _mm256_fmadd_ps(_mm256_broadcast_ss(&dd[r]), _mm256_cvtepi32_ps(p), acc[r]);
+            }
         }
+        finish(&acc, _mm256_setzero_ps(), out);
     }
 }
 
@@ -301,7 +417,7 @@ mod tests {
     /// Plain scalar dot products on the same quantized activations: the kernel must equal
     /// this up to f32 summation order.
     fn scalar(q: &QMat, xs: &[f32], m: usize) -> Vec<f32> {
-        let act = quantize(xs, m, q.k);
+        let act = quantize(xs, m, q.k, q.kind);
         let nb = q.k / QK;
         let bb = q.kind.block_bytes();
         let mut out = vec![0f32; m * q.n];
@@ -312,7 +428,7 @@ mod tests {
                     let blk = &q.data[(j * nb + b) * bb..(j * nb + b + 1) * bb];
                     let d = f16::from_bits(u16::from_le_bytes([blk[0], blk[1]])).to_f32() as f64;
                     let a = &act.qs[r * q.k + b * QK..r * q.k + (b + 1) * QK];
-                    let ad = act.d[r * nb + b] as f64;
+                    let ad = act.dt[b * act.mp + r] as f64;
                     match q.kind {
                         Kind::Q4_1 => {
                             let mm = f16::from_bits(u16::from_le_bytes([blk[2], blk[3]])).to_f32();
@@ -321,7 +437,7 @@ mod tests {
                                 s += (blk[4 + i] & 15) as i32 * a[i] as i32;
                                 s += (blk[4 + i] >> 4) as i32 * a[i + 16] as i32;
                             }
-                            acc += d * ad * s as f64 + mm as f64 * act.s[r * nb + b] as f64;
+                            acc += d * ad * s as f64 + mm as f64 * act.st[b * act.mp + r] as f64;
                         }
                         Kind::Q5_0 => {
                             let qh = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]);
@@ -332,6 +448,11 @@ mod tests {
                                     (blk[6 + i] >> 4) as i32 | (((qh >> (i + 16)) & 1) << 4) as i32;
                                 s += (lo - 16) * a[i] as i32 + (hi - 16) * a[i + 16] as i32;
                             }
+                            acc += d * ad * s as f64;
+                        }
+                        Kind::Q8_0 => {
+                            let s: i32 =
+                                (0..QK).map(|i| blk[2 + i] as i8 as i32 * a[i] as i32).sum();
                             acc += d * ad * s as f64;
                         }
                     }
@@ -356,11 +477,11 @@ mod tests {
     fn kernels_match_scalar_and_candle_for_every_batch_size() {
         let (n, k) = (37, 256);
         let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap();
-        for dt in [GgmlDType::Q4_1, GgmlDType::Q5_0] {
+        for dt in [GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q8_0] {
             let qt = QTensor::quantize(&w, dt).unwrap();
             let q = QMat::from_qtensor(&qt)
                 .unwrap()
-                .expect("AVX2 build takes Q4_1/Q5_0");
+                .expect("AVX2 build takes Q4_1/Q5_0/Q8_0");
             let candle = QMatMul::from_qtensor(qt).unwrap();
             for m in [1, 2, 5, 8, 9, 17] {
                 let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu).unwrap();

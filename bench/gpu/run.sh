@@ -36,8 +36,9 @@ for f in tinyllama-q4km.gguf tinyllama-bf16; do
 done
 $L check --model $M/tinyllama-q4km.gguf --dequantize --tokens 16 --threads 16 --out $M/check-q4km-dequant-cpu.json
 $L check --model $M/tinyllama-q4km.gguf --dequantize --tokens 16 --cuda-device 0 --out $M/check-q4km-dequant-cuda.json
-# Which quantized path carries the error: a 1-token prompt runs every matmul through the
-# matrix-vector kernels (CUDA mmvq), 32 tokens through the matrix-matrix ones (CUDA mmq).
+# Which path carries the error: a 1-token and a 32-token prompt both run through the
+# CUDA graph's kernels now (up to 32 rows: the exact product at 1, split-bf16 tensor-core
+# products at 32); before, 32 tokens took Candle's matrix-matrix path.
 for p in 1 32; do
   ids=$(seq -s, 101 $((100 + p)))
   for d in "--threads 16" "--cuda-device 0"; do

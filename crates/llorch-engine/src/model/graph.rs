@@ -1,25 +1,27 @@
-//! Decode steps on CUDA as one replayed CUDA graph of our own fused kernels (`decode.cu`).
+//! Steps on CUDA as one replayed CUDA graph of our own fused kernels (`decode.cu`).
 //!
 //! Why: through Candle a decode step of a 22-layer model is ~450 operations at ~8-10 us of
 //! host time each, so the GPU idles ~95% of the time (`bench/results/gpu-h100/`). Here a
 //! step is 5 kernels per layer (RMS-normed quantized matrix-vector products with fused
 //! bias / residual / SwiGLU, and one RoPE + KV write + attention kernel) over buffers
-//! allocated once; tokens, positions, KV slots and the batch size are read from device
-//! memory, so each batch-size bucket (1, 2, 4, 8, 16, 32 sequences) is captured once and
-//! every later step is one small upload, one graph launch and one download of the logits.
-//! Up to 4 sequences the matrix products are warp-per-row dot products of f32 inputs and
+//! allocated once; tokens, positions, KV slots and the row count are read from device
+//! memory, so each bucket (1, 2, 4, 8, 16, 32 rows) is captured once and every later step
+//! is one small upload, one graph launch and one download of each row's greedy pick (the
+//! logits too when a row samples).
+//! A row is one new token: a decoding sequence's, or one of a prompt's (several rows of a
+//! sequence at consecutive positions; then the keys and values of all rows are written
+//! before attention, in a variant of the graph with a `kv_write` kernel).
+//! Up to 4 rows the matrix products are warp-per-row dot products of f32 inputs and
 //! dequantized weights (the exact product) and attention takes a block per query head;
 //! from 8 on they run on the tensor cores (bf16 inputs, f32 sums; every weight read once
-//! for all sequences) and attention takes a block per KV head (its cache read once for
-//! the heads that share it).
-//! In a step that mixes decode and prefill, the decode items take the graph and the rest
-//! Candle's operations.
+//! for all rows) and attention takes a block per KV head (its cache read once for the
+//! heads that share it). [`GraphDecoder::attention_rows`] lends the attention kernels to
+//! Candle's path for prompt chunks of several sequences.
 //!
-//! Applies to decode steps (one new token per sequence) of llama-family models whose KV
-//! caches live in the model's pool, with f32 activations and GGUF weights of the types the
-//! kernels read (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K); everything else (prefill, bf16
-//! SafeTensors, Gemma 3, Qwen3's Q/K norms) stays on the Candle path. `LLORCH_CUDA_GRAPH=0`
-//! turns it off.
+//! Applies to llama-family models whose KV caches live in the model's pool, with f32
+//! activations and GGUF weights of the types the kernels read (Q4_0, Q4_1, Q5_0, Q8_0,
+//! Q4_K, Q6_K); everything else (bf16 SafeTensors, Gemma 3, Qwen3's Q/K norms) stays on the
+//! Candle path. `LLORCH_CUDA_GRAPH=0` turns it off.
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -203,7 +203,7 @@ impl Engine {
             crate::profile::enable(true);
         }
         if cfg.warmup {
-            let mut ids = tokenizer.encode("Hello", true)?;
+            let ids = tokenizer.encode("Hello", true)?;
             let mut s = network.new_seq();
             network.forward(&mut [(&mut s, &ids[..])])?;
             network.forward(&mut [(&mut s, &ids[..1])])?;
@@ -211,8 +211,7 @@ impl Engine {
             // that one too, or the first long prompt pays its kernels' first use (~0.1 s)
             let long = network.graph_rows() + 8;
             if network.graph_rows() > 0 && long < cfg.context_length {
-                let base = ids.clone();
-                ids = base.iter().cycle().take(long).copied().collect();
+                let ids: Vec<u32> = ids.iter().cycle().take(long).copied().collect();
                 let mut s = network.new_seq();
                 network.forward(&mut [(&mut s, &ids[..])])?;
             }

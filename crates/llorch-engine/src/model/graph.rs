@@ -211,6 +211,19 @@ struct LayerDev {
     v: u64,
 }
 
+/// The rows an attention launch reads: device addresses of the QKV rows (`ldq` floats
+/// apart), of each row's position and slot and of the row count; the layer; the rows the
+/// grid covers.
+struct AttnRows {
+    qkv: u64,
+    ldq: i32,
+    layer: usize,
+    pos: u64,
+    slot: u64,
+    n: u64,
+    count: usize,
+}
+
 /// What a step returns.
 pub struct StepOut {
     /// Each row's greedy pick: the first token of largest logit and its log-probability.
@@ -467,7 +480,6 @@ impl GraphDecoder {
     pub fn attention_rows(&self, layer: usize, qkv: &Tensor, rows: &Tensor) -> Result<Tensor> {
         let p = &self.plan;
         let (n, width) = qkv.dims2()?;
-        let (heads, kv_heads, cap) = (p.heads as i32, p.kv_heads as i32, p.cap as i32);
         if width != (p.heads + 2 * p.kv_heads) * p.head_dim || rows.elem_count() != 2 * n + 1 {
             return Err(unsupported("attention rows of unexpected shapes".into()));
         }
@@ -478,57 +490,91 @@ impl GraphDecoder {
             qkv.device(),
         )?;
         let (q, o, r) = (ptr(qkv, s)?, ptr(&out, s)?, ptr_u32(rows, s)?);
-        let (pos, slot, count) = (r, r + 4 * n as u64, r + 8 * n as u64);
-        let l = &self.layers[layer];
-        let ldq = width as i32;
-        let interleaved = p.rope_interleaved as i32;
-        let scale = 1f32 / (p.head_dim as f32).sqrt();
-        let write_kv = 0i32;
-        let mut lb = s.launch_builder(&self.funcs[&format!("kv_write_{}", p.head_dim)]);
-        lb.arg(&q)
-            .arg(&ldq)
-            .arg(&l.k)
-            .arg(&l.v)
-            .arg(&heads)
-            .arg(&kv_heads)
-            .arg(&cap)
-            .arg(&self.at.inv_freq)
-            .arg(&interleaved)
-            .arg(&pos)
-            .arg(&slot)
-            .arg(&count);
-        let cfg = LaunchConfig {
-            grid_dim: (p.kv_heads as u32, n as u32, 1),
-            block_dim: (p.head_dim as u32, 1, 1),
-            shared_mem_bytes: 0,
+        let rows = AttnRows {
+            qkv: q,
+            ldq: width as i32,
+            layer,
+            pos: r,
+            slot: r + 4 * n as u64,
+            n: r + 8 * n as u64,
+            count: n,
         };
-        // SAFETY: the caller checked positions < cap and slots < the pool's slots; `qkv`
-        // holds n rows of `width`.
-        unsafe { lb.launch(cfg) }.map_err(drv)?;
-        let mut lb = s.launch_builder(&self.funcs[&format!("attention_head_{}", p.head_dim)]);
-        lb.arg(&q)
-            .arg(&ldq)
-            .arg(&o)
-            .arg(&l.k)
-            .arg(&l.v)
-            .arg(&heads)
-            .arg(&kv_heads)
-            .arg(&cap)
-            .arg(&self.at.inv_freq)
-            .arg(&interleaved)
-            .arg(&pos)
-            .arg(&slot)
-            .arg(&count)
-            .arg(&scale)
-            .arg(&write_kv);
+        self.kv_write(s, &rows)?;
+        let f = &self.funcs[&format!("attention_head_{}", p.head_dim)];
         let cfg = LaunchConfig {
             grid_dim: (p.heads as u32, n as u32, 1),
             block_dim: (1024, 1, 1),
             shared_mem_bytes: 4 * p.cap as u32,
         };
-        // SAFETY: as above; `out` holds n rows of heads * head_dim.
-        unsafe { lb.launch(cfg) }.map_err(drv)?;
+        self.attention(s, f, &rows, o, 0, cfg)?;
         Ok(out)
+    }
+
+    /// Writes each row's RoPE'd key and its value to the KV pool (`kv_write_*`).
+    fn kv_write(&self, s: &CudaStream, r: &AttnRows) -> Result<()> {
+        let p = &self.plan;
+        let (heads, kv_heads, cap) = (p.heads as i32, p.kv_heads as i32, p.cap as i32);
+        let interleaved = p.rope_interleaved as i32;
+        let mut lb = s.launch_builder(&self.funcs[&format!("kv_write_{}", p.head_dim)]);
+        let l = &self.layers[r.layer];
+        lb.arg(&r.qkv)
+            .arg(&r.ldq)
+            .arg(&l.k)
+            .arg(&l.v)
+            .arg(&heads)
+            .arg(&kv_heads)
+            .arg(&cap)
+            .arg(&self.at.inv_freq)
+            .arg(&interleaved)
+            .arg(&r.pos)
+            .arg(&r.slot)
+            .arg(&r.n);
+        let cfg = LaunchConfig {
+            grid_dim: (p.kv_heads as u32, r.count as u32, 1),
+            block_dim: (p.head_dim as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: positions are < cap and slots < the pool's slots (checked by the callers);
+        // `qkv` holds `count` rows of `ldq`.
+        unsafe { lb.launch(cfg) }.map_err(drv)?;
+        Ok(())
+    }
+
+    /// One attention kernel (`attention_head_*` or `attention_group_*`) over `r`'s rows into
+    /// `out` (`[rows, heads * head_dim]`); `write_kv` 0 when `kv_write` ran before it.
+    fn attention(
+        &self,
+        s: &CudaStream,
+        f: &CudaFunction,
+        r: &AttnRows,
+        out: u64,
+        write_kv: i32,
+        cfg: LaunchConfig,
+    ) -> Result<()> {
+        let p = &self.plan;
+        let (heads, kv_heads, cap) = (p.heads as i32, p.kv_heads as i32, p.cap as i32);
+        let interleaved = p.rope_interleaved as i32;
+        let scale = 1f32 / (p.head_dim as f32).sqrt();
+        let l = &self.layers[r.layer];
+        let mut lb = s.launch_builder(f);
+        lb.arg(&r.qkv)
+            .arg(&r.ldq)
+            .arg(&out)
+            .arg(&l.k)
+            .arg(&l.v)
+            .arg(&heads)
+            .arg(&kv_heads)
+            .arg(&cap)
+            .arg(&self.at.inv_freq)
+            .arg(&interleaved)
+            .arg(&r.pos)
+            .arg(&r.slot)
+            .arg(&r.n)
+            .arg(&scale)
+            .arg(&write_kv);
+        // SAFETY: as for `kv_write`; `out` holds the grid's rows of heads * head_dim.
+        unsafe { lb.launch(cfg) }.map_err(drv)?;
+        Ok(())
     }
 
     /// Largest number of sequences one step can take.
@@ -658,10 +704,6 @@ impl GraphDecoder {
                 4 * p.cap,
             )
         };
-        let (heads, kv_heads, cap) = (p.heads as i32, p.kv_heads as i32, p.cap as i32);
-        let inv_freq = a.inv_freq;
-        let interleaved = p.rope_interleaved as i32;
-        let scale = 1f32 / (p.head_dim as f32).sqrt();
         let write_kv = (!prefill) as i32;
         for (li, l) in self.layers.iter().enumerate() {
             // the norm that reads the residual stream after this layer
@@ -685,51 +727,24 @@ impl GraphDecoder {
                 )?;
             }
             let t = crate::profile::start();
+            let rows = AttnRows {
+                qkv,
+                ldq: qkv_w,
+                layer: li,
+                pos,
+                slot,
+                n,
+                count: nb,
+            };
             if prefill {
-                let mut lb = s.launch_builder(&self.funcs[&format!("kv_write_{}", p.head_dim)]);
-                lb.arg(&qkv)
-                    .arg(&qkv_w)
-                    .arg(&l.k)
-                    .arg(&l.v)
-                    .arg(&heads)
-                    .arg(&kv_heads)
-                    .arg(&cap)
-                    .arg(&inv_freq)
-                    .arg(&interleaved)
-                    .arg(&pos)
-                    .arg(&slot)
-                    .arg(&n);
-                let cfg = LaunchConfig {
-                    grid_dim: (p.kv_heads as u32, nb as u32, 1),
-                    block_dim: (p.head_dim as u32, 1, 1),
-                    shared_mem_bytes: 0,
-                };
-                // SAFETY: as for attention below.
-                unsafe { lb.launch(cfg) }.map_err(drv)?;
+                self.kv_write(s, &rows)?;
             }
-            let mut lb = s.launch_builder(att_f);
-            lb.arg(&qkv)
-                .arg(&qkv_w)
-                .arg(&att)
-                .arg(&l.k)
-                .arg(&l.v)
-                .arg(&heads)
-                .arg(&kv_heads)
-                .arg(&cap)
-                .arg(&inv_freq)
-                .arg(&interleaved)
-                .arg(&pos)
-                .arg(&slot)
-                .arg(&n)
-                .arg(&scale)
-                .arg(&write_kv);
             let cfg = LaunchConfig {
                 grid_dim: (att_grid as u32, nb as u32, 1),
                 block_dim: (att_threads, 1, 1),
                 shared_mem_bytes: att_smem as u32,
             };
-            // SAFETY: positions are < cap and slots < the pool's slots (checked in `step`).
-            unsafe { lb.launch(cfg) }.map_err(drv)?;
+            self.attention(s, att_f, &rows, att, write_kv, cfg)?;
             self.timed("gpu_attention", t)?;
             let resid = |norm_next: u64| MvArgs {
                 y: x,

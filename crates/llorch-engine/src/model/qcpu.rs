@@ -319,6 +319,41 @@ mod avx2 {
         }
     }
 
+    /// One block of signed weights `x` times each row's activations, added to `acc` with
+    /// the block's scales `dd`. With VNNI the weights go unsigned as `x + offset` (16 for
+    /// Q5_0's 5-bit values, 128 for Q8_0: a byte addition), corrected by `Act::init`;
+    /// with AVX2 the sign moves to the activations (`vpsignb`) as llama.cpp does.
+    #[inline(always)]
+    unsafe fn signed_block<const R: usize>(
+        x: __m256i,
+        offset: i8,
+        a: &Act,
+        r0: usize,
+        b: usize,
+        dd: &[f32; 8],
+        acc: &mut [__m256; R],
+    ) {
+        let fma = |acc: &mut __m256, r: usize, p: __m256i| {
+            *acc = _mm256_fmadd_ps(_mm256_broadcast_ss(&dd[r]), _mm256_cvtepi32_ps(p), *acc);
+        };
+        if VNNI {
+            let q = _mm256_add_epi8(x, _mm256_set1_epi8(offset));
+            for r in 0..R {
+                fma(
+                    &mut acc[r],
+                    r,
+                    dot(init(a, r0 + r, b), q, act(a, r0 + r, b)),
+                );
+            }
+            return;
+        }
+        let ax = _mm256_sign_epi8(x, x);
+        for r in 0..R {
+            let sy = _mm256_sign_epi8(act(a, r0 + r, b), x);
+            fma(&mut acc[r], r, dot(_mm256_setzero_si256(), ax, sy));
+        }
+    }
+
     pub(super) unsafe fn q4_1<const R: usize>(w: &[u8], a: &Act, r0: usize, out: &mut [f32]) {
         let nb = a.k / QK;
         let mut acc = [_mm256_setzero_ps(); R];
@@ -356,23 +391,7 @@ mod avx2 {
                 nibbles(blk.add(6)),
                 _mm256_andnot_si256(bits_to_bytes(qh), high),
             );
-            if VNNI {
-                // q = w + 16 as an unsigned byte
-                let q = _mm256_add_epi8(x, _mm256_set1_epi8(16));
-                for r in 0..R {
-                    let p = dot(init(a, r0 + r, b), q, act(a, r0 + r, b));
-                    acc[r] =
-                        _mm256_fmadd_ps(_mm256_broadcast_ss(&dd[r]), _mm256_cvtepi32_ps(p), acc[r]);
-                }
-                continue;
-            }
-            let ax = _mm256_sign_epi8(x, x);
-            for r in 0..R {
-                let sy = _mm256_sign_epi8(act(a, r0 + r, b), x);
-                let p = dot(_mm256_setzero_si256(), ax, sy);
-                acc[r] =
-                    _mm256_fmadd_ps(_mm256_broadcast_ss(&dd[r]), _mm256_cvtepi32_ps(p), acc[r]);
-            }
+            signed_block(x, 16, a, r0, b, &dd, &mut acc);
         }
         finish(&acc, _mm256_setzero_ps(), out);
     }
@@ -386,23 +405,7 @@ mod avx2 {
             let blk = wp.add(b * 34);
             scales(f16_at(blk), a, b, r0, &mut dd);
             let x = _mm256_loadu_si256(blk.add(2) as *const __m256i);
-            if VNNI {
-                // q = w + 128 as an unsigned byte
-                let q = _mm256_xor_si256(x, _mm256_set1_epi8(0x80_u8 as i8));
-                for r in 0..R {
-                    let p = dot(init(a, r0 + r, b), q, act(a, r0 + r, b));
-                    acc[r] =
-                        _mm256_fmadd_ps(_mm256_broadcast_ss(&dd[r]), _mm256_cvtepi32_ps(p), acc[r]);
-                }
-                continue;
-            }
-            let ax = _mm256_sign_epi8(x, x);
-            for r in 0..R {
-                let sy = _mm256_sign_epi8(act(a, r0 + r, b), x);
-                let p = dot(_mm256_setzero_si256(), ax, sy);
-                acc[r] =
-                    _mm256_fmadd_ps(_mm256_broadcast_ss(&dd[r]), _mm256_cvtepi32_ps(p), acc[r]);
-            }
+            signed_block(x, -128, a, r0, b, &dd, &mut acc);
         }
         finish(&acc, _mm256_setzero_ps(), out);
     }

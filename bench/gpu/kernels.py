@@ -13,8 +13,10 @@ buffer per layer so L2 does not hold them), and reports
   python3 bench/gpu/kernels.py NAME=FILE.cu[:NVCC_FLAGS] ... [--batch 1,8] [--pos 600]
 
 The first variant is the reference. Kernel names: `mv_<type>_<p|r|g><batch>` (mode as a
-template parameter, `WPR` warps per row) or, for the older file, `mv_<type>_<batch>` (one
-warp per row, mode at run time).
+template parameter) or, for older files, `mv_<type>_<batch>`. Pseudo-flags after the
+file: `mm` (tensor-core kernels from batch 8), `pdl` (programmatic dependent launch) and
+`persist` (matrix-vector grids capped at what the GPU holds at once): graph.rs uses all
+three. `--once` launches one step per variant without graphs, for a profiler (ncu).
 """
 import argparse
 import ctypes
@@ -63,9 +65,13 @@ class Mv(ctypes.Structure):
 class Variant:
     def __init__(self, name, src, flags, out_dir):
         self.name = name
-        # pseudo-flag `mm`: batches of 8 and more take the tensor-core kernels
+        # pseudo-flags: `mm`: batches of 8 and more take the tensor-core kernels; `pdl`:
+        # launches with programmatic dependent launch (as graph.rs does)
+        # `persist`: matrix-vector grids capped at what the GPU holds at once (occupancy)
         self.mm = "mm" in flags
-        flags = [f for f in flags if f != "mm"]
+        self.pdl = "pdl" in flags
+        self.persist = "persist" in flags
+        flags = [f for f in flags if f not in ("mm", "pdl", "persist")]
         cubin = os.path.join(out_dir, f"{name}.cubin")
         cmd = ["nvcc", "--cubin", "-O3", "-arch=sm_90", "-Xptxas", "-v", *flags, "-o", cubin, src]
         r = subprocess.run(cmd, capture_output=True, text=True)
@@ -75,6 +81,8 @@ class Variant:
         self.mod = cp.cuda.function.Module()
         self.mod.load_file(cubin)
         self.new = self._has("mv_q4_k_p1")
+        # this round's kernels: a warp per SwiGLU row pair, attention split over positions
+        self.split = self._has(f"attention_split_{HD}")
         self.wpr = int(next((f[6:] for f in flags if f.startswith("-DWPR=")), "1"))
         self.warps = int(next((f[8:] for f in flags if f.startswith("-DWARPS=")), "8"))
 
@@ -90,16 +98,34 @@ class Variant:
         m = "prg"[mode]
         if self.mm and nb >= 8:
             return self.mod.get_function(f"mm_{qt}_{m}{nb}"), 16, 256
+        if self.split:
+            return self.mod.get_function(f"mv_{qt}_{m}{nb}"), self.warps, self.warps * 32
         if self.new:
             wr = self.wpr * (2 if mode == 2 else 1)
             return self.mod.get_function(f"mv_{qt}_{m}{nb}"), self.warps // wr, self.warps * 32
         return self.mod.get_function(f"mv_{qt}_{nb}"), 8, 256
 
 
-def launch(fn, grid, block, smem, stream, args):
+class LaunchAttr(ctypes.Structure):  # CUlaunchAttribute: id, padding, 64-byte value union
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_int), ("value", ctypes.c_int * 16)]
+
+
+class LaunchConfig(ctypes.Structure):  # CUlaunchConfig
+    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("smem", ctypes.c_uint),
+                ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(LaunchAttr)), ("nattrs", ctypes.c_uint)]
+
+
+def launch(fn, grid, block, smem, stream, args, pdl=False):
     arr = (ctypes.c_void_p * len(args))(*[ctypes.cast(ctypes.pointer(h), ctypes.c_void_p) for h in args])
-    check(cuda.cuLaunchKernel(ctypes.c_void_p(fn.ptr), *grid, *block, smem, ctypes.c_void_p(stream.ptr), arr, None),
-          "cuLaunchKernel")
+    if not pdl:
+        check(cuda.cuLaunchKernel(ctypes.c_void_p(fn.ptr), *grid, *block, smem, ctypes.c_void_p(stream.ptr), arr,
+                                  None), "cuLaunchKernel")
+        return
+    attr = LaunchAttr(id=6)  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+    attr.value[0] = 1
+    cfg = LaunchConfig((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), smem, ctypes.c_void_p(stream.ptr),
+                       ctypes.pointer(attr), 1)
+    check(cuda.cuLaunchKernelEx(ctypes.byref(cfg), ctypes.c_void_p(fn.ptr), arr, None), "cuLaunchKernelEx")
 
 
 class Model:
@@ -125,6 +151,8 @@ class Model:
         self.x, self.xn, self.qkv, self.att = f(MAXB * H), f(MAXB * H), f(MAXB * QKV), f(MAXB * H)
         self.act, self.logits, self.part = f(MAXB * I), f(MAXB * VOCAB), f(MAXB * H * 8)
         self.counter = cp.zeros(1, dtype=cp.uint32)
+        self.att_part = f(MAXB * HEADS * 16 * (HD + 2))
+        self.att_counter = cp.zeros(MAXB * HEADS, dtype=cp.uint32)
         p = np.zeros(3 * MAXB + 1, dtype=np.int32)
         p[:MAXB] = rng.integers(0, VOCAB, MAXB)
         p[MAXB:2 * MAXB] = pos + np.arange(MAXB)
@@ -140,13 +168,27 @@ def p(a):
     return ctypes.c_uint64(a.data.ptr)
 
 
+SMS = cp.cuda.Device().attributes["MultiProcessorCount"]
+
+
+def resident_blocks(fn, threads):
+    """Blocks of `fn` the whole GPU holds at once."""
+    nb = ctypes.c_int()
+    check(cuda.cuOccupancyMaxActiveBlocksPerMultiprocessor(ctypes.byref(nb), ctypes.c_void_p(fn.ptr), threads,
+                                                           ctypes.c_size_t(0)), "occupancy")
+    return nb.value * SMS
+
+
 def mv_args(v, m, qt, mode, nb, wbuf, row_bytes, rows, k, x, y, ldy, norm_next=None):
     fn, rpb, threads = v.mv(qt, mode, nb)
     a = Mv(w=wbuf.data.ptr, x=x.data.ptr, y=y.data.ptr, n=m.params.data.ptr + 4 * 3 * MAXB,
            row_bytes=row_bytes, rows=rows, k=k, ldy=ldy, mode=mode, eps=EPS,
            part=m.part.data.ptr, counter=m.counter.data.ptr,
            norm_next=norm_next.data.ptr if norm_next is not None else 0, xn=m.xn.data.ptr)
-    return fn, ((rows + rpb - 1) // rpb, 1, 1), (threads, 1, 1), 0, [a]
+    grid = (rows + rpb - 1) // rpb
+    if v.persist and not (v.mm and nb >= 8):
+        grid = min(grid, resident_blocks(fn, threads))
+    return fn, (grid, 1, 1), (threads, 1, 1), 0, [a]
 
 
 def norm_after(v, nb, out):
@@ -170,8 +212,12 @@ def step_launches(v, m, nb, only=None):
     out.append(("embed", emb, (nb, 1, 1), (256, 1, 1), 0,
                 [p(m.embed[0]), ctypes.c_uint64(m.embed[1]), ctypes.c_int(H), tok, n, p(m.x), p(m.xn),
                  p(m.layers[0]["attn_norm"]), ctypes.c_float(EPS)]))
+    att_extra = []
     if not v.new:
         att, geo = v.mod.get_function(f"attention_{HD}"), ((HEADS, nb, 1), (1024, 1, 1), 4 * CAP)
+    elif nb <= 4 and v.split:  # a block per (query head, chunk of positions)
+        att, geo = v.mod.get_function(f"attention_split_{HD}"), ((HEADS, 16, nb), (128, 1, 1), 4 * CAP)
+        att_extra = [p(m.att_part), p(m.att_counter)]
     elif nb <= 4:  # a block per query head
         att, geo = v.mod.get_function(f"attention_head_{HD}"), ((HEADS, nb, 1), (1024, 1, 1), 4 * CAP)
     else:  # a block per KV head: its keys and values read once for the group
@@ -183,7 +229,7 @@ def step_launches(v, m, nb, only=None):
         out.append(("attention", att, *geo,
                     [p(m.qkv), ctypes.c_int(QKV), p(m.att), p(lay["k"]), p(lay["v"]), ctypes.c_int(HEADS),
                      ctypes.c_int(KVH), ctypes.c_int(CAP), p(m.inv_freq), ctypes.c_int(0), pos, slot, n,
-                     ctypes.c_float(HD ** -0.5), ctypes.c_int(1)]))  # write_kv (ignored by older kernels)
+                     ctypes.c_float(HD ** -0.5), ctypes.c_int(1)] + att_extra))  # write_kv (ignored by older kernels)
         out.append(("o", *mv_args(v, m, qt, 1, nb, *lay["o"], H, HEADS * HD, m.att, m.x, H, lay["ffn_norm"])))
         norm_after(v, nb, out)
         out.append(("gate_up", *mv_args(v, m, qt, 2, nb, *lay["gate_up"], I, H, m.xn, m.act, I)))
@@ -194,10 +240,10 @@ def step_launches(v, m, nb, only=None):
     return out
 
 
-def capture(stream, launches):
+def capture(stream, launches, pdl=False):
     stream.begin_capture()
-    for _, fn, g, b, s, args in launches:
-        launch(fn, g, b, s, stream, args)
+    for j, (_, fn, g, b, s, args) in enumerate(launches):
+        launch(fn, g, b, s, stream, args, pdl and j > 0)
     return stream.end_capture()
 
 
@@ -224,6 +270,8 @@ def main():
     ap.add_argument("--json", default="kernels.json", help="file name under --out")
     ap.add_argument("--no-kernels", action="store_true", help="only the whole step, no per-kernel times")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
+    ap.add_argument("--once", action="store_true",
+                    help="launch one step of each variant once, without graphs (for a profiler), and stop")
     args = ap.parse_args()
     vs = []
     for spec in args.variants:
@@ -231,6 +279,16 @@ def main():
         src, _, flags = rest.partition(":")
         vs.append(Variant(name, src, flags.split() if flags else [], args.out))
     stream = cp.cuda.Stream(non_blocking=True)
+    if args.once:
+        m = Model(args.types.split(",")[0], args.pos)
+        nb = int(args.batch.split(",")[0])
+        m.params[3 * MAXB] = nb
+        for v in vs:
+            with stream:
+                for _, fn, g, b, s, a in step_launches(v, m, nb):
+                    launch(fn, g, b, s, stream, a)
+                stream.synchronize()
+        return
     results = []
     for qt in args.types.split(","):
         m = Model(qt, args.pos)
@@ -248,7 +306,7 @@ def main():
                     except Exception as e:
                         print(f"{v.name} batch {nb}: skipped ({e})")
                         continue
-                    g = capture(stream, ls)
+                    g = capture(stream, ls, v.pdl)
                     g.launch(stream)
                     stream.synchronize()
                     logits = cp.asnumpy(m.logits[: nb * VOCAB]).astype(np.float64)
@@ -266,7 +324,7 @@ def main():
                     for label in [] if args.no_kernels else ["embed", "qkv", "attention", "o", "gate_up", "down", "lm_head"]:
                         ls = step_launches(v, m, nb, only=label)
                         ls = ls if len(ls) >= L else (ls * L)[:L]  # a layer's worth each
-                        gk = capture(stream, ls)
+                        gk = capture(stream, ls, v.pdl)
                         tk = time_graph(stream, gk, reps=15) / L
                         row["kernels_us"][label] = round(tk * 1e6, 2)
                         if label in wbytes or label == "lm_head":

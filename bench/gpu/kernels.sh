@@ -46,8 +46,8 @@ print(f"sum of kernel times per step: {tot/1e3:.1f} us over {sum(a[0] for a in a
 PY
 echo "=== kernel variants, $(date +%T)"
 D=crates/llorch-engine/src/model/decode.cu
-python3 bench/gpu/kernels.py --out "$OUT" --types q4_k,q6_k f32=$D bf16x3=$D:mm bf16=$D:"-DMM_SPLIT=0 mm" "$@" | grep -v '^{'
+python3 bench/gpu/kernels.py --out "$OUT" --types q4_k,q6_k f32=$D:"pdl persist" bf16x3=$D:"mm pdl persist" bf16=$D:"-DMM_SPLIT=0 mm pdl persist" "$@" | grep -v '^{'
 echo "=== the other weight types: whole steps only, $(date +%T)"
 python3 bench/gpu/kernels.py --out "$OUT" --json kernels-simple.json --no-kernels --types q8_0,q4_0,q4_1,q5_0 \
-  f32=$D bf16x3=$D:mm | grep -v '^{'
+  f32=$D:"pdl persist" bf16x3=$D:"mm pdl persist" | grep -v '^{'
 

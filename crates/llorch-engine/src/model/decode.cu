@@ -9,10 +9,13 @@
 // Layout: activations are f32, rows of `NB` sequences (the graph's batch bucket; rows at
 // and above the step's real batch size `*n` are skipped). Weights stay in their GGUF
 // blocks and every weight byte is read once per step for all sequences: up to 4 sequences
-// a warp per output row multiplies f32 inputs by the dequantized weights (`matvec`, the
-// exact product); from 8 on the tensor cores do, on split bf16 values (`matmul`).
+// a warp per output row multiplies f32 inputs by the weights' integers and applies the
+// block scales once per 16 (`matvec`, the exact product to f32 rounding); from 8 on the
+// tensor cores do, on split bf16 values (`matmul`). Attention for up to 4 sequences is
+// split over chunks of positions (`attention_split`), from 8 a block per KV head.
 // The RMS norms are fused: kernels that write the residual stream also write its normed
 // copy `xn` for the next kernel (`resid_tail`; after `matmul`, the `norm_rows` kernel).
+// The kernels are launched with programmatic dependent launch (`pdl_wait`).
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -55,6 +58,18 @@ struct MvArgs {
     int parts;                // norm_rows: partial sums per row in `part` (the producer's blocks)
 };
 
+// Programmatic dependent launch (sm_90+, `graph.rs` launches the step's kernels with it):
+// a kernel may start while the one before it finishes, and `pdl_wait` holds it until that
+// one's writes are visible. Every kernel waits before touching what an earlier kernel
+// writes (and before returning, so a kernel's end implies the end of all before it), then
+// lets the next kernel start. Without the launch attribute both are no-ops.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ float ldh(const uint8_t* p) {
     return __half2float(*(const __half*)p);
 }
@@ -89,89 +104,131 @@ __device__ __forceinline__ void q4k_scale(const u32* sc, int jj, float& s, float
     }
 }
 
+// The bytes a lane needs for its 32 weights of one 1024-column step, as loaded: the
+// matrix-vector kernels issue every load of a chunk of steps before dequantizing any, so a
+// warp has all its weight bytes in flight at once (one memory round trip, not one a step).
+struct Raw {
+    u32 q[8];  // quants (Q6_K: low bits, then high bits; Q8_0: 32 bytes; Q4_K: 16 bytes,
+               // then its 12 packed scale bytes)
+    u32 h[3];  // f16 scale(s) (Q4_K, Q4_1: two), Q5_0's high bits, Q6_K's two int8 scales
+};
+
+// Whether the lane has weights in step `g` of a row of `k` columns.
+template <int QT>
+__device__ __forceinline__ bool lane_has(int k, int g, int lane) {
+    if (QT == T_Q4_K || QT == T_Q6_K) return (4 * g + (lane >> 3)) * 256 < k;
+    return (32 * g + lane) * 32 < k;
+}
+
+template <int QT>
+__device__ __forceinline__ void raw_load(const uint8_t* row, int g, int lane, Raw& r) {
+    if (QT == T_Q4_K) {
+        const int sb = 4 * g + (lane >> 3), part = lane & 7;
+        const uint8_t* b = row + (size_t)sb * 144;
+        const uint4 q = *(const uint4*)(b + 16 + 32 * (part >> 1) + (part & 1) * 16);
+        r.q[0] = q.x, r.q[1] = q.y, r.q[2] = q.z, r.q[3] = q.w;
+        const uint4 hd = *(const uint4*)b;  // d, dmin, 12 scale bytes
+        r.h[0] = hd.x;
+        r.q[4] = hd.y, r.q[5] = hd.z, r.q[6] = hd.w;
+    } else if (QT == T_Q6_K) {
+        const int sb = 4 * g + (lane >> 3), part = lane & 7;
+        const uint8_t* b = row + (size_t)sb * 210;
+        const int nh = part >> 2, q = part & 3, lb = 16 * (q & 1), sel = q >> 1;
+        const uint8_t* ql = b + 64 * nh + 32 * sel + lb;
+        const uint8_t* qh = b + 128 + 32 * nh + lb;
+#pragma unroll
+        for (int e4 = 0; e4 < 4; ++e4) r.q[e4] = ld16x2(ql + 4 * e4), r.q[4 + e4] = ld16x2(qh + 4 * e4);
+        const uint8_t* sc = b + 192 + 8 * nh;
+        r.h[0] = *(const uint16_t*)(b + 208);
+        r.h[1] = sc[(q & 1) + 2 * sel];
+        r.h[2] = sc[(q & 1) + 4 + 2 * sel];
+    } else {
+        const int blk = 32 * g + lane;
+        if (QT == T_Q8_0) {
+            const uint8_t* b = row + (size_t)blk * 34;
+            r.h[0] = *(const uint16_t*)b;
+#pragma unroll
+            for (int e4 = 0; e4 < 8; ++e4) r.q[e4] = ld16x2(b + 2 + 4 * e4);
+        } else if (QT == T_Q4_0 || QT == T_Q5_0) {
+            const uint8_t* b = row + (size_t)blk * (QT == T_Q4_0 ? 18 : 22);
+            r.h[0] = *(const uint16_t*)b;
+            if (QT == T_Q5_0) r.h[1] = ld16x2(b + 2);
+#pragma unroll
+            for (int e4 = 0; e4 < 4; ++e4) r.q[e4] = ld16x2(b + (QT == T_Q4_0 ? 2 : 6) + 4 * e4);
+        } else {  // T_Q4_1
+            const u32* b = (const u32*)(row + (size_t)blk * 20);  // 4-byte aligned
+            r.h[0] = b[0];
+#pragma unroll
+            for (int e4 = 0; e4 < 4; ++e4) r.q[e4] = b[1 + e4];
+        }
+    }
+}
+
+__device__ __forceinline__ float h2f(u32 bits) { return __half2float(__ushort_as_half((unsigned short)bits)); }
+
 // A warp covers 1024 columns of a row per step: each lane dequantizes 32 weights, 16 at
 // columns c0.. and 16 at c0 + X.. (X: where the layout puts the high nibbles; 16 makes the
-// 32 columns contiguous). Few wide loads per lane: the kernels are bound by load
-// instructions, not bytes, when each lane reads a byte at a time. Returns false when the
-// lane's columns lie past the end of the row.
+// 32 columns contiguous).
 template <int QT> struct Layout { static constexpr int X = 16; };
 template <> struct Layout<T_Q4_K> { static constexpr int X = 32; };
 template <> struct Layout<T_Q6_K> { static constexpr int X = 64; };
 
 template <int QT>
-__device__ __forceinline__ bool load32(const uint8_t* row, int k, int g, int lane, float* w,
-                                       int& c0) {
-    if (QT == T_Q4_K || QT == T_Q6_K) {
+__device__ __forceinline__ void dequant(const Raw& r, int g, int lane, float* w, int& c0) {
+    if (QT == T_Q4_K) {
         const int sb = 4 * g + (lane >> 3), part = lane & 7;
-        if (sb * 256 >= k) return false;
-        if (QT == T_Q4_K) {
-            const uint8_t* b = row + (size_t)sb * 144;
-            const float2 dm = __half22float2(*(const __half2*)b);
-            u32 sc[3];
-            sc[0] = ((const u32*)(b + 4))[0];
-            sc[1] = ((const u32*)(b + 4))[1];
-            sc[2] = ((const u32*)(b + 4))[2];
-            const int j = part >> 1, b0 = (part & 1) * 16;
-            float s[2], m[2];
-            q4k_scale(sc, 2 * j, s[0], m[0]);
-            q4k_scale(sc, 2 * j + 1, s[1], m[1]);
-            const float d0 = dm.x * s[0], n0 = dm.y * m[0], d1 = dm.x * s[1], n1 = dm.y * m[1];
-            const uint4 q = *(const uint4*)(b + 16 + 32 * j + b0);
-            const u32 qq[4] = {q.x, q.y, q.z, q.w};
+        const float2 dm = __half22float2(*(const __half2*)&r.h[0]);
+        const u32 sc[3] = {r.q[4], r.q[5], r.q[6]};
+        const int j = part >> 1, b0 = (part & 1) * 16;
+        float s[2], m[2];
+        q4k_scale(sc, 2 * j, s[0], m[0]);
+        q4k_scale(sc, 2 * j + 1, s[1], m[1]);
+        const float d0 = dm.x * s[0], n0 = dm.y * m[0], d1 = dm.x * s[1], n1 = dm.y * m[1];
 #pragma unroll
-            for (int e = 0; e < 16; ++e) {
-                const u32 by = (qq[e >> 2] >> (8 * (e & 3))) & 0xFF;
-                w[e] = d0 * u2f(by & 0xF) - n0;
-                w[16 + e] = d1 * u2f(by >> 4) - n1;
-            }
-            c0 = sb * 256 + 64 * j + b0;
-        } else {
-            const uint8_t* b = row + (size_t)sb * 210;
-            const float d = ldh(b + 208);
-            const int nh = part >> 2, q = part & 3, lb = 16 * (q & 1), sel = q >> 1;
-            const uint8_t* ql = b + 64 * nh + 32 * sel + lb;
-            const uint8_t* qh = b + 128 + 32 * nh + lb;
-            const int8_t* sc = (const int8_t*)(b + 192 + 8 * nh);
-            const float slo = d * (float)sc[(q & 1) + 2 * sel];
-            const float shi = d * (float)sc[(q & 1) + 4 + 2 * sel];
-#pragma unroll
-            for (int e4 = 0; e4 < 4; ++e4) {
-                const u32 l4 = ld16x2(ql + 4 * e4), h4 = ld16x2(qh + 4 * e4);
-#pragma unroll
-                for (int f = 0; f < 4; ++f) {
-                    const u32 l = (l4 >> (8 * f)) & 0xFF, h = (h4 >> (8 * f)) & 0xFF;
-                    const u32 lo = (l & 0xF) | (((h >> (2 * sel)) & 3) << 4);
-                    const u32 hi = (l >> 4) | (((h >> (4 + 2 * sel)) & 3) << 4);
-                    w[4 * e4 + f] = slo * (u2f(lo) - 32.f);
-                    w[16 + 4 * e4 + f] = shi * (u2f(hi) - 32.f);
-                }
-            }
-            c0 = sb * 256 + 128 * nh + 32 * sel + lb;
+        for (int e = 0; e < 16; ++e) {
+            const u32 by = (r.q[e >> 2] >> (8 * (e & 3))) & 0xFF;
+            w[e] = d0 * u2f(by & 0xF) - n0;
+            w[16 + e] = d1 * u2f(by >> 4) - n1;
         }
-        return true;
+        c0 = sb * 256 + 64 * j + b0;
+    } else if (QT == T_Q6_K) {
+        const int sb = 4 * g + (lane >> 3), part = lane & 7;
+        const float d = h2f(r.h[0]);
+        const int nh = part >> 2, q = part & 3, lb = 16 * (q & 1), sel = q >> 1;
+        const float slo = d * (float)(int8_t)r.h[1];
+        const float shi = d * (float)(int8_t)r.h[2];
+#pragma unroll
+        for (int e4 = 0; e4 < 4; ++e4) {
+            const u32 l4 = r.q[e4], h4 = r.q[4 + e4];
+#pragma unroll
+            for (int f = 0; f < 4; ++f) {
+                const u32 l = (l4 >> (8 * f)) & 0xFF, h = (h4 >> (8 * f)) & 0xFF;
+                const u32 lo = (l & 0xF) | (((h >> (2 * sel)) & 3) << 4);
+                const u32 hi = (l >> 4) | (((h >> (4 + 2 * sel)) & 3) << 4);
+                w[4 * e4 + f] = slo * (u2f(lo) - 32.f);
+                w[16 + 4 * e4 + f] = shi * (u2f(hi) - 32.f);
+            }
+        }
+        c0 = sb * 256 + 128 * nh + 32 * sel + lb;
     } else {
         // 32-wide blocks: one block per lane
         const int blk = 32 * g + lane;
-        if (blk * 32 >= k) return false;
         c0 = blk * 32;
         if (QT == T_Q8_0) {
-            const uint8_t* b = row + (size_t)blk * 34;
-            const float d = ldh(b);
+            const float d = h2f(r.h[0]);
 #pragma unroll
             for (int e4 = 0; e4 < 8; ++e4) {
-                const u32 v = ld16x2(b + 2 + 4 * e4);
+                const u32 v = r.q[e4];
 #pragma unroll
                 for (int f = 0; f < 4; ++f)  // int8 b = (b ^ 0x80) - 128
                     w[4 * e4 + f] = (u2f(((v >> (8 * f)) & 0xFF) ^ 0x80) - 128.f) * d;
             }
         } else if (QT == T_Q4_0 || QT == T_Q5_0) {
-            const int hdr = QT == T_Q4_0 ? 2 : 6;
-            const uint8_t* b = row + (size_t)blk * (QT == T_Q4_0 ? 18 : 22);
-            const float d = ldh(b);
-            const u32 qh = QT == T_Q5_0 ? ld16x2(b + 2) : 0;
+            const float d = h2f(r.h[0]);
+            const u32 qh = QT == T_Q5_0 ? r.h[1] : 0;
 #pragma unroll
             for (int e4 = 0; e4 < 4; ++e4) {
-                const u32 v = ld16x2(b + hdr + 4 * e4);
+                const u32 v = r.q[e4];
 #pragma unroll
                 for (int f = 0; f < 4; ++f) {
                     const int j = 4 * e4 + f;
@@ -188,11 +245,10 @@ __device__ __forceinline__ bool load32(const uint8_t* row, int k, int g, int lan
                 }
             }
         } else {  // T_Q4_1
-            const uint8_t* b = row + (size_t)blk * 20;
-            const float2 dm = __half22float2(*(const __half2*)b);
+            const float2 dm = __half22float2(*(const __half2*)&r.h[0]);
 #pragma unroll
             for (int e4 = 0; e4 < 4; ++e4) {
-                const u32 v = ((const u32*)(b + 4))[e4];
+                const u32 v = r.q[e4];
 #pragma unroll
                 for (int f = 0; f < 4; ++f) {
                     const u32 by = (v >> (8 * f)) & 0xFF;
@@ -201,8 +257,110 @@ __device__ __forceinline__ bool load32(const uint8_t* row, int k, int g, int lan
                 }
             }
         }
-        return true;
     }
+}
+
+// The lane's 32 weights of step `g` as w = sc[h] * q + mn[h] for the halves h (16 weights
+// each): q exact small integers as floats, centred where the format has a fixed offset,
+// so the inner loop is one multiply-add a weight and the scales apply once per 16. A byte
+// becomes a float by putting it under the exponent of 2^23 (one byte permute) and taking
+// 2^23 plus the offset away; four nibbles or bytes are masked at once.
+template <int QT> struct HasMin { static constexpr bool v = QT == T_Q4_K || QT == T_Q4_1; };
+
+__device__ __forceinline__ float bytef(u32 v4, int f, float off) {
+    return __int_as_float(__byte_perm(v4, 0x4B000000u, 0x7540u | f)) - off;
+}
+
+// bits 0..3 of b to bit 4 of bytes 0..3
+__device__ __forceinline__ u32 spread4(u32 b) { return ((b * 0x00204081u) & 0x01010101u) << 4; }
+
+template <int QT>
+__device__ __forceinline__ void unpack(const Raw& r, int g, int lane, float* q, float* sc,
+                                       float* mn, int& c0) {
+    if (QT == T_Q4_K) {
+        const int sb = 4 * g + (lane >> 3), part = lane & 7;
+        const float2 dm = __half22float2(*(const __half2*)&r.h[0]);
+        const u32 scb[3] = {r.q[4], r.q[5], r.q[6]};
+        const int j = part >> 1, b0 = (part & 1) * 16;
+        float s0, m0, s1, m1;
+        q4k_scale(scb, 2 * j, s0, m0);
+        q4k_scale(scb, 2 * j + 1, s1, m1);
+        sc[0] = dm.x * s0, mn[0] = -(dm.y * m0), sc[1] = dm.x * s1, mn[1] = -(dm.y * m1);
+#pragma unroll
+        for (int e4 = 0; e4 < 4; ++e4) {
+            const u32 lo = r.q[e4] & 0x0F0F0F0Fu, hi = (r.q[e4] >> 4) & 0x0F0F0F0Fu;
+#pragma unroll
+            for (int f = 0; f < 4; ++f) {
+                q[4 * e4 + f] = bytef(lo, f, 8388608.f);
+                q[16 + 4 * e4 + f] = bytef(hi, f, 8388608.f);
+            }
+        }
+        c0 = sb * 256 + 64 * j + b0;
+    } else if (QT == T_Q6_K) {
+        const int sb = 4 * g + (lane >> 3), part = lane & 7;
+        const float d = h2f(r.h[0]);
+        const int nh = part >> 2, qq = part & 3, lb = 16 * (qq & 1), sel = qq >> 1;
+        sc[0] = d * (float)(int8_t)r.h[1];
+        sc[1] = d * (float)(int8_t)r.h[2];
+#pragma unroll
+        for (int e4 = 0; e4 < 4; ++e4) {
+            const u32 l4 = r.q[e4], h4 = r.q[4 + e4];
+            const u32 lo = (l4 & 0x0F0F0F0Fu) | (((h4 >> (2 * sel)) & 0x03030303u) << 4);
+            const u32 hi = ((l4 >> 4) & 0x0F0F0F0Fu) | (((h4 >> (4 + 2 * sel)) & 0x03030303u) << 4);
+#pragma unroll
+            for (int f = 0; f < 4; ++f) {
+                q[4 * e4 + f] = bytef(lo, f, 8388640.f);  // 2^23 + 32
+                q[16 + 4 * e4 + f] = bytef(hi, f, 8388640.f);
+            }
+        }
+        c0 = sb * 256 + 128 * nh + 32 * sel + lb;
+    } else {
+        const int blk = 32 * g + lane;
+        c0 = blk * 32;
+        if (QT == T_Q8_0) {
+            sc[0] = sc[1] = h2f(r.h[0]);
+#pragma unroll
+            for (int e4 = 0; e4 < 8; ++e4) {
+                const u32 v = r.q[e4] ^ 0x80808080u;  // int8 + 128
+#pragma unroll
+                for (int f = 0; f < 4; ++f) q[4 * e4 + f] = bytef(v, f, 8388736.f);  // 2^23 + 128
+            }
+        } else {
+            const float off = QT == T_Q4_0 ? 8388616.f : QT == T_Q5_0 ? 8388624.f : 8388608.f;
+            if (QT == T_Q4_1) {
+                const float2 dm = __half22float2(*(const __half2*)&r.h[0]);
+                sc[0] = sc[1] = dm.x;
+                mn[0] = mn[1] = dm.y;
+            } else {
+                sc[0] = sc[1] = h2f(r.h[0]);
+            }
+#pragma unroll
+            for (int e4 = 0; e4 < 4; ++e4) {
+                u32 lo = r.q[e4] & 0x0F0F0F0Fu, hi = (r.q[e4] >> 4) & 0x0F0F0F0Fu;
+                if (QT == T_Q5_0) {
+                    lo |= spread4((r.h[1] >> (4 * e4)) & 0xF);
+                    hi |= spread4((r.h[1] >> (16 + 4 * e4)) & 0xF);
+                }
+#pragma unroll
+                for (int f = 0; f < 4; ++f) {
+                    q[4 * e4 + f] = bytef(lo, f, off);
+                    q[16 + 4 * e4 + f] = bytef(hi, f, off);
+                }
+            }
+        }
+    }
+}
+
+// Loads and dequantizes the lane's 32 weights of step `g`; false when its columns lie past
+// the end of the row.
+template <int QT>
+__device__ __forceinline__ bool load32(const uint8_t* row, int k, int g, int lane, float* w,
+                                       int& c0) {
+    if (!lane_has<QT>(k, g, lane)) return false;
+    Raw r;
+    raw_load<QT>(row, g, lane, r);
+    dequant<QT>(r, g, lane, w, c0);
+    return true;
 }
 
 // The lane's 32 inputs of row `i`.
@@ -252,96 +410,167 @@ __device__ void resid_tail(const MvArgs& a, int n) {
     if (t == 0) last = atomicAdd(a.counter, 1u) == gridDim.x - 1;
     __syncthreads();
     if (!last) return;
+    // every load of a pass is issued before its values are used: this block's tail is a
+    // chain of memory round trips that all the next kernel waits on
+    constexpr int PB = 8;
     for (int i = warp; i < n; i += nw) {
         float s = 0.f;
-        for (int b = lane; b < (int)gridDim.x; b += 32)
-            s += __ldcg(a.part + (size_t)i * gridDim.x + b);
+        for (int b0 = lane; b0 < (int)gridDim.x; b0 += 32 * PB) {
+            float v[PB];
+#pragma unroll
+            for (int u = 0; u < PB; ++u) {
+                const int b = b0 + 32 * u;
+                v[u] = b < (int)gridDim.x ? __ldcg(a.part + (size_t)i * gridDim.x + b) : 0.f;
+            }
+#pragma unroll
+            for (int u = 0; u < PB; ++u) s += v[u];
+        }
         s = warp_sum(s);
         if (lane == 0) rs[i] = 1.f / sqrtf(s / (float)a.rows + a.eps);
     }
     __syncthreads();
-    for (int i = 0; i < n; ++i)
-        for (int c = t; c < a.rows; c += blockDim.x)
-            a.xn[(size_t)i * a.rows + c] = __ldcg(a.y + (size_t)i * a.ldy + c) * rs[i] * a.norm_next[c];
+    for (int i = 0; i < n; ++i) {
+        for (int c0 = t; c0 < a.rows; c0 += PB * blockDim.x) {
+            float v[PB], g[PB];
+#pragma unroll
+            for (int u = 0; u < PB; ++u) {
+                const int c = c0 + u * blockDim.x;
+                v[u] = c < a.rows ? __ldcg(a.y + (size_t)i * a.ldy + c) : 0.f;
+                g[u] = c < a.rows ? a.norm_next[c] : 0.f;
+            }
+#pragma unroll
+            for (int u = 0; u < PB; ++u) {
+                const int c = c0 + u * blockDim.x;
+                if (c < a.rows) a.xn[(size_t)i * a.rows + c] = v[u] * rs[i] * g[u];
+            }
+        }
+    }
     if (t == 0) *a.counter = 0;
 }
 
-// `WPR` warps per output row (GLU: another WPR for its up row), reading every weight once
-// for all NB input rows; each warp takes every WPR-th 1024-column step of the row, so a
-// row of the model's widths is one or two steps per warp with all loads in flight at
-// once: these kernels are bound by memory latency, not bytes. The mode is a template
-// parameter and each warp reads one row, so a kernel holds only the registers its mode
-// needs (occupancy).
-#ifndef WPR
-#define WPR 1
+// A warp per output row at a time (SwiGLU: the gate row and its up row, which share the
+// inputs), reading every weight once for all NB input rows. The grid is at most what the
+// GPU holds at once (`graph.rs` sizes it by occupancy) and warps stride over the rows, so
+// there are no waves of blocks: a warp's work is a sequence of units (a row's weights for
+// U steps of 1024 columns), and the next unit's weight loads are issued before the current
+// one is multiplied, so each warp keeps a unit of loads in flight all the time. These
+// kernels are bound by memory latency, not bytes. The first unit's loads come before the
+// wait on the previous kernel (programmatic dependent launch): they overlap its tail. The
+// mode is a template parameter (registers: occupancy).
+#ifndef UG
+#define UG 3      // steps per unit (plain and residual products)
 #endif
+#ifndef UG_GLU
+#define UG_GLU 2  // SwiGLU: two weight rows per warp, so fewer steps per unit
+#endif
+
+template <int QT, int U, int RW>
+__device__ __forceinline__ void load_unit(const MvArgs& a, int r, int g0, int ng, int lane,
+                                          Raw (&raw)[U][RW], bool (&has)[U]) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+        has[u] = g0 + u < ng && lane_has<QT>(a.k, g0 + u, lane);
+#pragma unroll
+        for (int h = 0; h < RW; ++h)
+            if (has[u]) raw_load<QT>(a.w + (size_t)(r + h * a.rows) * a.row_bytes, g0 + u, lane, raw[u][h]);
+    }
+}
 
 template <int QT, int NB, int MODE>
 __device__ void matvec(const MvArgs& a) {
     constexpr int X = Layout<QT>::X;
-    constexpr bool glu = MODE == MODE_GLU;
-    constexpr int WR = glu ? 2 * WPR : WPR;  // warps per output row
-    constexpr int RB = WARPS / WR;           // output rows per block
-    const int n = *a.n;
+    constexpr int RW = MODE == MODE_GLU ? 2 : 1;  // weight rows per warp
+    constexpr int U = MODE == MODE_GLU ? UG_GLU : UG;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int rb = warp / WR, within = warp % WR, half = within / WPR, sub = within % WPR;
-    const int r = blockIdx.x * RB + rb;
-    float acc[NB];
+    const int stride = gridDim.x * WARPS;
+    const int ng = (a.k + 1023) / 1024;
+    int r = blockIdx.x * WARPS + warp, g0 = 0;
+    Raw raw[U][RW], nxt[U][RW];
+    bool has[U], nhas[U];
+    if (r < a.rows) load_unit<QT, U, RW>(a, r, 0, ng, lane, raw, has);
+    pdl_wait();
+    const int n = *a.n;
+    __shared__ float sq[WARPS][NB];
+    float ss[NB];  // RESID: this warp's sums of squares of its outputs
 #pragma unroll
-    for (int i = 0; i < NB; ++i) acc[i] = 0.f;
-    if (r < a.rows) {
-        const uint8_t* row = a.w + (size_t)(r + half * a.rows) * a.row_bytes;
-        const int ng = (a.k + 1023) / 1024;
-        for (int g = sub; g < ng; g += WPR) {
-            float w[32];
+    for (int i = 0; i < NB; ++i) ss[i] = 0.f;
+    float acc[RW][NB];
+#pragma unroll
+    for (int h = 0; h < RW; ++h)
+#pragma unroll
+        for (int i = 0; i < NB; ++i) acc[h][i] = 0.f;
+    while (r < a.rows) {
+        // the next unit: the rest of this row, or the warp's next row
+        const bool row_end = g0 + U >= ng;
+        const int rn = row_end ? r + stride : r, gn = row_end ? 0 : g0 + U;
+        if (rn < a.rows) load_unit<QT, U, RW>(a, rn, gn, ng, lane, nxt, nhas);
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            if (!has[u]) continue;
+            float w[RW][32], sc[RW][2], mn[RW][2];
             int c0;
-            if (!load32<QT>(row, a.k, g, lane, w, c0)) continue;
+#pragma unroll
+            for (int h = 0; h < RW; ++h) unpack<QT>(raw[u][h], g0 + u, lane, w[h], sc[h], mn[h], c0);
 #pragma unroll
             for (int i = 0; i < NB; ++i) {
                 if (i < n) {
                     float xv[32];
                     load_x<X>(a, i, c0, xv);
-                    float s = 0.f;
+                    float x0 = 0.f, x1 = 0.f;
+                    if (HasMin<QT>::v) {
 #pragma unroll
-                    for (int e = 0; e < 32; ++e) s += w[e] * xv[e];
-                    acc[i] += s;
+                        for (int e = 0; e < 16; ++e) x0 += xv[e], x1 += xv[16 + e];
+                    }
+#pragma unroll
+                    for (int h = 0; h < RW; ++h) {
+                        float s0 = 0.f, s1 = 0.f;
+#pragma unroll
+                        for (int e = 0; e < 16; ++e) s0 += w[h][e] * xv[e], s1 += w[h][16 + e] * xv[16 + e];
+                        float v = sc[h][0] * s0 + sc[h][1] * s1;
+                        if (HasMin<QT>::v) v += mn[h][0] * x0 + mn[h][1] * x1;
+                        acc[h][i] += v;
+                    }
                 }
             }
         }
-    }
-    // each warp's sums, then the row's first warp adds its row's warps in a fixed order
-    __shared__ float red[WARPS][NB];
+        if (row_end) {
 #pragma unroll
-    for (int i = 0; i < NB; ++i) {
-        if (i < n) {
-            const float v = warp_sum(acc[i]);
-            if (lane == 0) red[warp][i] = v;
+            for (int i = 0; i < NB; ++i) {
+                if (i < n) {
+                    const float v = warp_sum(acc[0][i]);
+                    const float v2 = RW > 1 ? warp_sum(acc[RW - 1][i]) : 0.f;
+                    if (lane == i) {
+                        const float out = store_out<MODE>(a, i, r, v, v2);
+                        ss[i] += out * out;
+                    }
+                }
+#pragma unroll
+                for (int h = 0; h < RW; ++h) acc[h][i] = 0.f;
+            }
+        }
+        r = rn;
+        g0 = gn;
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            has[u] = nhas[u];
+#pragma unroll
+            for (int h = 0; h < RW; ++h) raw[u][h] = nxt[u][h];
         }
     }
-    if (WR > 1) __syncthreads();
-    else __syncwarp();
-    __shared__ float sq[RB][NB];
-    if (within == 0 && lane < n && lane < NB) {
-        const int i = lane;
-        float v = 0.f, v2 = 0.f;
+    if constexpr (MODE == MODE_RESID) {
 #pragma unroll
-        for (int s = 0; s < WPR; ++s) {
-            v += red[warp + s][i];
-            if (glu) v2 += red[warp + WPR + s][i];
+        for (int i = 0; i < NB; ++i)
+            if (lane == i) sq[warp][i] = ss[i];
+        __syncthreads();
+        const int t = threadIdx.x;
+        if (t < n) {
+            float s = 0.f;
+#pragma unroll
+            for (int w = 0; w < WARPS; ++w) s += sq[w][t];
+            a.part[(size_t)t * gridDim.x + blockIdx.x] = s;
         }
-        const float out = r < a.rows ? store_out<MODE>(a, i, r, v, v2) : 0.f;
-        if (MODE == MODE_RESID) sq[rb][i] = out * out;
+        resid_tail(a, n);
     }
-    if (MODE != MODE_RESID) return;
-    __syncthreads();
-    const int t = threadIdx.x;
-    if (t < n) {
-        float s = 0.f;
-#pragma unroll
-        for (int w = 0; w < RB; ++w) s += sq[w][t];
-        a.part[(size_t)t * gridDim.x + blockIdx.x] = s;
-    }
-    resid_tail(a, n);
 }
 
 // ---- Batches of 8 to 32 sequences: tensor cores --------------------------------------
@@ -779,6 +1008,159 @@ __device__ void attention_head(const float* qkv, int ldq, float* out, float* kc,
     }
 }
 
+// Decode attention for small batches, split over positions (flash-decoding): a block per
+// (query head, chunk of positions, sequence). With a block per head, 32 blocks each
+// walked a whole context in a few long chains of loads; here each block takes at most
+// ATT_CHUNK... positions (more only past ATT_SPLITS chunks), writes its chunk's maximum,
+// sum and unnormalized output to `part`, and the last of a head's blocks to finish
+// (a counter per (sequence, head)) combines them in chunk order (deterministic). RoPE on
+// the new query and key in every block; the new key/value go to the KV slot from the
+// block of the group's first head that holds the last chunk. Threads: SPLIT_THREADS.
+#ifndef ATT_CHUNK
+#define ATT_CHUNK 32
+#endif
+#define ATT_SPLITS 16
+#define SPLIT_THREADS 128
+template <int D>
+__device__ void attention_split(const float* qkv, int ldq, float* out, float* kc, float* vc,
+                                int heads, int kv_heads, int cap, const float* inv_freq,
+                                int interleaved, const int* pos_a, const int* slot_a,
+                                const int* n, float scale, int write_kv, float* part,
+                                u32* counter) {
+    const int i = blockIdx.z;
+    if (i >= *n) return;
+    const int h = blockIdx.x, sp = blockIdx.y, group = heads / kv_heads, kvh = h / group;
+    const int pos = pos_a[i], slot = slot_a[i], len = pos + 1;
+    const int chunk = max(ATT_CHUNK, (len + ATT_SPLITS - 1) / ATT_SPLITS);
+    const int S = (len + chunk - 1) / chunk, j0 = sp * chunk, j1 = min(len, j0 + chunk);
+    if (sp >= S) return;
+    const int t = threadIdx.x, lane = t & 31, warp = t >> 5;
+    constexpr int NW = SPLIT_THREADS / 32;
+    extern __shared__ float sc[];  // [chunk]
+    __shared__ __align__(16) float qs[D];
+    __shared__ __align__(16) float kn[D];
+    __shared__ __align__(16) float vn[D];
+    __shared__ float red[NW];
+    __shared__ bool last;
+    constexpr int DQ = D / 4, PG = SPLIT_THREADS / DQ;
+    __shared__ __align__(16) float po[PG][D];
+    const float* row = qkv + (size_t)i * ldq;
+    const bool has_new = j1 == len;  // this chunk holds the new position
+    if (t < D / 2) {
+        const int a = interleaved ? 2 * t : t;
+        const int b = interleaved ? 2 * t + 1 : t + D / 2;
+        float sn, cs;
+        sincosf((float)pos * inv_freq[t], &sn, &cs);
+        rope_pair(row + h * D, a, b, sn, cs, qs);
+        if (has_new) rope_pair(row + (heads + kvh) * D, a, b, sn, cs, kn);
+    }
+    if (has_new && t < D) vn[t] = row[(heads + kv_heads + kvh) * D + t];
+    __syncthreads();
+    const size_t base = ((size_t)slot * kv_heads + kvh) * (size_t)cap * D;
+    float* kb = kc + base;
+    float* vb = vc + base;
+    if (write_kv && has_new && h % group == 0 && t < D) {
+        kb[(size_t)pos * D + t] = kn[t];
+        vb[(size_t)pos * D + t] = vn[t];
+    }
+    // scores, one position per thread
+    float mx = -INFINITY;
+    for (int j = j0 + t; j < j1; j += SPLIT_THREADS) {
+        const float* kr = j == pos && write_kv ? kn : kb + (size_t)j * D;
+        float d = 0.f;
+#pragma unroll
+        for (int e = 0; e < D; e += 4) {
+            const float4 kv = *(const float4*)(kr + e);
+            d += qs[e] * kv.x + qs[e + 1] * kv.y + qs[e + 2] * kv.z + qs[e + 3] * kv.w;
+        }
+        d *= scale;
+        sc[j - j0] = d;
+        mx = fmaxf(mx, d);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    if (lane == 0) red[warp] = mx;
+    __syncthreads();
+    mx = red[0];
+#pragma unroll
+    for (int w = 1; w < NW; ++w) mx = fmaxf(mx, red[w]);
+    __syncthreads();
+    float sum = 0.f;
+    for (int j = t; j < j1 - j0; j += SPLIT_THREADS) {
+        const float p = expf(sc[j] - mx);
+        sc[j] = p;
+        sum += p;
+    }
+    sum = warp_sum(sum);
+    if (lane == 0) red[warp] = sum;
+    __syncthreads();  // also publishes sc
+    float den = 0.f;
+#pragma unroll
+    for (int w = 0; w < NW; ++w) den += red[w];
+    // values: threads over (position group, 4 dimensions), eight 16-byte loads in flight
+    const int gi = t / DQ, dq = t % DQ;
+    float o[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int jb = j0 + gi; jb < j1; jb += 8 * PG) {
+        float4 v[8];
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+            const int j = jb + u * PG;
+            v[u] = j < j1 ? (j == pos && write_kv ? *(const float4*)(vn + 4 * dq)
+                                                  : *(const float4*)(vb + (size_t)j * D + 4 * dq))
+                          : make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+            const int j = jb + u * PG;
+            const float p = j < j1 ? sc[j - j0] : 0.f;
+            o[0] += p * v[u].x;
+            o[1] += p * v[u].y;
+            o[2] += p * v[u].z;
+            o[3] += p * v[u].w;
+        }
+    }
+    *(float4*)&po[gi][4 * dq] = make_float4(o[0], o[1], o[2], o[3]);
+    __syncthreads();
+    float* dst = out + (size_t)i * heads * D + h * D;
+    if (S == 1) {
+        if (t < D) {
+            float v = 0.f;
+#pragma unroll
+            for (int g = 0; g < PG; ++g) v += po[g][t];
+            dst[t] = v / den;
+        }
+        return;
+    }
+    // this chunk's (max, sum, output) for the combining block
+    float* mine = part + (((size_t)i * heads + h) * ATT_SPLITS + sp) * (D + 2);
+    if (t < D) {
+        float v = 0.f;
+#pragma unroll
+        for (int g = 0; g < PG; ++g) v += po[g][t];
+        mine[2 + t] = v;
+    }
+    if (t == 0) mine[0] = mx, mine[1] = den;
+    __threadfence();
+    __syncthreads();
+    u32* cnt = counter + (size_t)i * heads + h;
+    if (t == 0) last = atomicAdd(cnt, 1u) == (u32)S - 1;
+    __syncthreads();
+    if (!last) return;
+    const float* all = part + ((size_t)i * heads + h) * ATT_SPLITS * (D + 2);
+    float m = -INFINITY;
+    for (int s2 = 0; s2 < S; ++s2) m = fmaxf(m, __ldcg(all + s2 * (D + 2)));
+    if (t < D) {
+        float l = 0.f, v = 0.f;
+        for (int s2 = 0; s2 < S; ++s2) {
+            const float f = expf(__ldcg(all + s2 * (D + 2)) - m);
+            l += __ldcg(all + s2 * (D + 2) + 1) * f;
+            v += __ldcg(all + s2 * (D + 2) + 2 + t) * f;
+        }
+        dst[t] = v / l;
+    }
+    if (t == 0) *cnt = 0;
+}
+
 // Decode attention for one (KV head, sequence) and all the query heads that share it
 // (grouped-query attention): RoPE on the new queries and key, the new key/value written to
 // the sequence's KV slot, then softmax over positions 0..=pos in two passes over score
@@ -919,14 +1301,17 @@ __device__ void attention_group(const float* qkv, int ldq, float* out, float* kc
     }
 }
 
+#ifndef MINB
+#define MINB 2  // blocks per SM the matrix-vector kernels' registers must allow
+#endif
 #define MV(NAME, QT, NB, MODE) \
-    extern "C" __global__ void __launch_bounds__(WARPS * 32) NAME(MvArgs a) { matvec<QT, NB, MODE>(a); }
+    extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) NAME(MvArgs a) { matvec<QT, NB, MODE>(a); }
 #define MV_MODES(TAG, QT, NB)                   \
     MV(mv_##TAG##_p##NB, QT, NB, MODE_PLAIN)    \
     MV(mv_##TAG##_r##NB, QT, NB, MODE_RESID)    \
     MV(mv_##TAG##_g##NB, QT, NB, MODE_GLU)
 #define MM(NAME, QT, NB, MODE) \
-    extern "C" __global__ void __launch_bounds__(MM_WARPS * 32) NAME(MvArgs a) { matmul<QT, NB, MODE>(a); }
+    extern "C" __global__ void __launch_bounds__(MM_WARPS * 32) NAME(MvArgs a) { pdl_wait(); matmul<QT, NB, MODE>(a); }
 #define MM_MODES(TAG, QT, NB)                   \
     MM(mm_##TAG##_p##NB, QT, NB, MODE_PLAIN)    \
     MM(mm_##TAG##_r##NB, QT, NB, MODE_RESID)    \
@@ -942,6 +1327,7 @@ __device__ void attention_group(const float* qkv, int ldq, float* out, float* kc
     extern "C" __global__ void embed_##TAG(const uint8_t* table, unsigned long long row_bytes, \
                                            int hidden, const int* tok, const int* n, float* x, \
                                            float* xn, const float* nw, float eps) {            \
+        pdl_wait();                                                              \
         embed<QT>(table, row_bytes, hidden, tok, n, x, xn, nw, eps);             \
     }
 
@@ -957,6 +1343,7 @@ MV_ALL(q6_k, T_Q6_K)
         const float* qkv, int ldq, float* out, float* kc, float* vc, int heads, int kv_heads,  \
         int cap, const float* inv_freq, int interleaved, const int* pos, const int* slot,      \
         const int* n, float scale, int write_kv) {                                              \
+        pdl_wait();                                                                             \
         attention_head<D>(qkv, ldq, out, kc, vc, heads, kv_heads, cap, inv_freq, interleaved,  \
                           pos, slot, n, scale, write_kv);                                       \
     }                                                                                           \
@@ -964,26 +1351,40 @@ MV_ALL(q6_k, T_Q6_K)
         const float* qkv, int ldq, float* out, float* kc, float* vc, int heads, int kv_heads,  \
         int cap, const float* inv_freq, int interleaved, const int* pos, const int* slot,      \
         const int* n, float scale, int write_kv) {                                              \
+        pdl_wait();                                                                             \
         attention_group<D>(qkv, ldq, out, kc, vc, heads, kv_heads, cap, inv_freq, interleaved, \
                            pos, slot, n, scale, write_kv);                                      \
+    }                                                                                           \
+    extern "C" __global__ void __launch_bounds__(SPLIT_THREADS) attention_split_##D(             \
+        const float* qkv, int ldq, float* out, float* kc, float* vc, int heads, int kv_heads,  \
+        int cap, const float* inv_freq, int interleaved, const int* pos, const int* slot,      \
+        const int* n, float scale, int write_kv, float* part, u32* counter) {                   \
+        pdl_wait();                                                                             \
+        attention_split<D>(qkv, ldq, out, kc, vc, heads, kv_heads, cap, inv_freq, interleaved, \
+                           pos, slot, n, scale, write_kv, part, counter);                       \
     }                                                                                           \
     extern "C" __global__ void __launch_bounds__(D) kv_write_##D(                               \
         const float* qkv, int ldq, float* kc, float* vc, int heads, int kv_heads, int cap,     \
         const float* inv_freq, int interleaved, const int* pos, const int* slot,               \
         const int* n) {                                                                         \
+        pdl_wait();                                                                             \
         kv_write<D>(qkv, ldq, kc, vc, heads, kv_heads, cap, inv_freq, interleaved, pos, slot, n); \
     }
 
 ATT(64)
 ATT(128)
 
-extern "C" __global__ void __launch_bounds__(256) norm_rows_f32(MvArgs a) { norm_rows(a); }
+extern "C" __global__ void __launch_bounds__(256) norm_rows_f32(MvArgs a) {
+    pdl_wait();
+    norm_rows(a);
+}
 
 // Greedy pick of each row: the first index of the largest logit and its log-probability
 // under the softmax (the sampler's greedy path, on the device: a step then downloads 8
 // bytes a sequence instead of its logits). A block per row.
 extern "C" __global__ void __launch_bounds__(1024) greedy_rows(const float* logits, int vocab,
                                                               const int* n, int* out) {
+    pdl_wait();
     const int i = blockIdx.x;
     if (i >= *n) return;
     const float* l = logits + (size_t)i * vocab;

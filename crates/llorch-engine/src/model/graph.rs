@@ -11,9 +11,9 @@
 //! A row is one new token: a decoding sequence's, or one of a prompt's (several rows of a
 //! sequence at consecutive positions; then the keys and values of all rows are written
 //! before attention, in a variant of the graph with a `kv_write` kernel).
-//! Up to 4 rows the matrix products are warp-per-row dot products of f32 inputs and
-//! dequantized weights (the exact product) and attention takes a block per query head;
-//! from 8 on they run on the tensor cores (bf16 inputs, f32 sums; every weight read once
+//! Up to 4 rows the matrix products are warp-per-row dot products of f32 inputs and the
+//! weights' integers, scaled per 16 (the exact product to f32 rounding), on grids no larger
+//! than the GPU holds at once, and attention is split over chunks of positions; from 8 on they run on the tensor cores (bf16 inputs, f32 sums; every weight read once
 //! for all rows) and attention takes a block per KV head (its cache read once for the
 //! heads that share it). [`GraphDecoder::attention_rows`] lends the attention kernels to
 //! Candle's path for prompt chunks of several sequences.
@@ -21,14 +21,16 @@
 //! Applies to llama-family models whose KV caches live in the model's pool, with f32
 //! activations and GGUF weights of the types the kernels read (Q4_0, Q4_1, Q5_0, Q8_0,
 //! Q4_K, Q6_K); everything else (bf16 SafeTensors, Gemma 3, Qwen3's Q/K norms) stays on the
-//! Candle path. `LLORCH_CUDA_GRAPH=0` turns it off.
+//! Candle path. `LLORCH_CUDA_GRAPH=0` turns it off. A step's kernels after the first are
+//! launched with programmatic dependent launch (Hopper and later; a no-op before), so each
+//! one's launch and weight loads overlap the tail of the one before.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use candle_core::cuda_backend::cudarc::driver::{
-    sys, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
-    DriverError, LaunchConfig, PushKernelArg,
+    sys, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, DevicePtr, DriverError,
+    LaunchConfig,
 };
 use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -44,14 +46,18 @@ pub const MAX_BATCH: usize = 32;
 const BUCKETS: [usize; 6] = [1, 2, 4, 8, 16, 32];
 /// Buckets from this size on use the tensor-core kernels (`mm_*`, `attention_group_*`).
 const MM_FROM: usize = 8;
-/// Warps per block and per output row of the matrix-vector kernels (`WARPS`, `WPR` in
+/// Warps (output rows at a time) per block of the matrix-vector kernels (`WARPS` in
 /// decode.cu), warps and output rows per block of the tensor-core ones (`MM_WARPS`,
-/// `MM_ROWS`), query heads per KV head that `attention_group` holds (`ATT_GMAX`).
+/// `MM_ROWS`), query heads per KV head that `attention_group` holds (`ATT_GMAX`), the
+/// position chunks and their least size and the threads of `attention_split`
+/// (`ATT_SPLITS`, `ATT_CHUNK`, `SPLIT_THREADS`).
 const WARPS: usize = 8;
-const WPR: usize = 1;
 const MM_WARPS: usize = 8;
 const MM_ROWS: usize = 16;
 const ATT_GMAX: usize = 8;
+const ATT_SPLITS: usize = 16;
+const ATT_CHUNK: usize = 32;
+const SPLIT_THREADS: u32 = 128;
 /// Dynamic shared memory an attention kernel may ask for: Hopper's 227 KiB per block less
 /// the kernels' static arrays (~38 KiB) and a margin.
 const SMEM_MAX: usize = 180 * 1024;
@@ -114,9 +120,6 @@ struct MvArgs {
     /// `norm_rows_f32`: blocks of the residual product before it (partial sums per row)
     parts: i32,
 }
-
-// SAFETY: plain old data, laid out as the C struct the kernels take by value.
-unsafe impl DeviceRepr for MvArgs {}
 
 /// A quantized matrix on the device: kernel family and geometry.
 #[derive(Clone)]
@@ -242,6 +245,9 @@ struct Buffers {
     logits: CudaSlice<f32>,
     part: CudaSlice<f32>,
     counter: CudaSlice<u32>,
+    /// `attention_split`'s per-chunk results and a counter per (row, head)
+    att_part: CudaSlice<f32>,
+    att_counter: CudaSlice<u32>,
     /// tokens, positions, slots (`MAX_BATCH` each) and the batch size
     params: CudaSlice<i32>,
     inv_freq: CudaSlice<f32>,
@@ -259,6 +265,8 @@ struct Addrs {
     logits: u64,
     part: u64,
     counter: u64,
+    att_part: u64,
+    att_counter: u64,
     params: u64,
     inv_freq: u64,
     picks: u64,
@@ -272,6 +280,8 @@ pub struct GraphDecoder {
     candle: Arc<CudaStream>,
     _module: Arc<CudaModule>,
     funcs: HashMap<String, CudaFunction>,
+    /// Blocks of each matrix-vector kernel the GPU holds at once: its grid at most.
+    resident: HashMap<String, u32>,
     layers: Vec<LayerDev>,
     embed: Mat,
     lm_head: Mat,
@@ -291,6 +301,11 @@ pub struct GraphDecoder {
 // SAFETY: the graph and module handles are only used behind the model's Mutex, one thread
 // at a time; CUDA allows using them from any thread when calls are serialized.
 unsafe impl Send for GraphDecoder {}
+
+/// A kernel's parameter list for [`GraphDecoder::launch`]: the address of each argument.
+macro_rules! params {
+    ($($a:expr),* $(,)?) => { [$(std::ptr::from_ref($a) as *mut std::ffi::c_void),*] };
+}
 
 fn dptr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
     s.device_ptr(stream).0
@@ -385,6 +400,7 @@ impl GraphDecoder {
         }
         let mut names = vec![
             format!("attention_head_{}", plan.head_dim),
+            format!("attention_split_{}", plan.head_dim),
             format!("kv_write_{}", plan.head_dim),
             "greedy_rows".into(),
         ];
@@ -407,7 +423,12 @@ impl GraphDecoder {
             let f = module.load_function(&name).map_err(drv)?;
             funcs.insert(name, f);
         }
-        for (kernel, bytes) in [("head", 4 * plan.cap), ("group", 4 * group * plan.cap)] {
+        let split_smem = 4 * ATT_CHUNK.max(plan.cap.div_ceil(ATT_SPLITS));
+        for (kernel, bytes) in [
+            ("head", 4 * plan.cap),
+            ("group", 4 * group * plan.cap),
+            ("split", split_smem),
+        ] {
             if let Some(f) = funcs.get(&format!("attention_{kernel}_{}", plan.head_dim)) {
                 f.set_attribute(
                     sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
@@ -415,6 +436,16 @@ impl GraphDecoder {
                 )
                 .map_err(drv)?;
             }
+        }
+        let sms = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(drv)? as u32;
+        let mut resident = HashMap::new();
+        for (name, f) in funcs.iter().filter(|(n, _)| n.starts_with("mv_")) {
+            let per_sm = f
+                .occupancy_max_active_blocks_per_multiprocessor((WARPS * 32) as u32, 0, None)
+                .map_err(drv)?;
+            resident.insert(name.clone(), per_sm.max(1) * sms);
         }
         let nb = MAX_BATCH;
         let half = plan.head_dim / 2;
@@ -433,6 +464,8 @@ impl GraphDecoder {
             logits: z(nb * plan.vocab)?,
             part: z(nb * h)?,
             counter: stream.alloc_zeros::<u32>(1).map_err(drv)?,
+            att_part: z(nb * plan.heads * ATT_SPLITS * (plan.head_dim + 2))?,
+            att_counter: stream.alloc_zeros::<u32>(nb * plan.heads).map_err(drv)?,
             params: stream.alloc_zeros::<i32>(3 * nb + 1).map_err(drv)?,
             inv_freq,
             picks: stream.alloc_zeros::<i32>(2 * nb).map_err(drv)?,
@@ -446,6 +479,8 @@ impl GraphDecoder {
             logits: dptr(&buf.logits, &stream),
             part: dptr(&buf.part, &stream),
             counter: dptr(&buf.counter, &stream),
+            att_part: dptr(&buf.att_part, &stream),
+            att_counter: dptr(&buf.att_counter, &stream),
             params: dptr(&buf.params, &stream),
             inv_freq: dptr(&buf.inv_freq, &stream),
             picks: dptr(&buf.picks, &stream),
@@ -458,6 +493,7 @@ impl GraphDecoder {
             candle,
             _module: module,
             funcs,
+            resident,
             layers,
             embed,
             lm_head,
@@ -499,49 +535,102 @@ impl GraphDecoder {
             n: r + 8 * n as u64,
             count: n,
         };
-        self.kv_write(s, &rows)?;
+        self.kv_write(s, &rows, false)?;
         let f = &self.funcs[&format!("attention_head_{}", p.head_dim)];
         let cfg = LaunchConfig {
             grid_dim: (p.heads as u32, n as u32, 1),
             block_dim: (1024, 1, 1),
             shared_mem_bytes: 4 * p.cap as u32,
         };
-        self.attention(s, f, &rows, o, 0, cfg)?;
+        self.attention(s, f, &rows, o, 0, cfg, false, false)?;
         Ok(out)
     }
 
+    /// Launches `f` on `s` with `params` (see [`params!`]). With `pdl` (programmatic
+    /// dependent launch: a step's kernels after its first) the kernel may start while the
+    /// one before it finishes: every kernel waits for its predecessor (`pdl_wait` in
+    /// decode.cu) before reading what it wrote, so its launch and its weight loads overlap
+    /// the previous kernel's tail.
+    ///
+    /// # Safety
+    /// `params` must match the kernel's parameters in number, order and type, and every
+    /// address among them must hold what the kernel reads and writes for `cfg`'s grid.
+    unsafe fn launch(
+        &self,
+        s: &CudaStream,
+        f: &CudaFunction,
+        cfg: LaunchConfig,
+        pdl: bool,
+        params: &mut [*mut std::ffi::c_void],
+    ) -> Result<()> {
+        s.context().bind_to_thread().map_err(drv)?;
+        let mut attr = sys::CUlaunchAttribute {
+            id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+            pad: [0; 4],
+            value: sys::CUlaunchAttributeValue {
+                programmaticStreamSerializationAllowed: 1,
+            },
+        };
+        let lc = sys::CUlaunchConfig {
+            gridDimX: cfg.grid_dim.0,
+            gridDimY: cfg.grid_dim.1,
+            gridDimZ: cfg.grid_dim.2,
+            blockDimX: cfg.block_dim.0,
+            blockDimY: cfg.block_dim.1,
+            blockDimZ: cfg.block_dim.2,
+            sharedMemBytes: cfg.shared_mem_bytes,
+            hStream: s.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: pdl as u32,
+        };
+        // SAFETY: the caller vouches for the parameters; `lc` and `attr` outlive the call.
+        unsafe {
+            sys::cuLaunchKernelEx(
+                &lc,
+                f.cu_function(),
+                params.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        }
+        .result()
+        .map_err(drv)
+    }
+
     /// Writes each row's RoPE'd key and its value to the KV pool (`kv_write_*`).
-    fn kv_write(&self, s: &CudaStream, r: &AttnRows) -> Result<()> {
+    fn kv_write(&self, s: &CudaStream, r: &AttnRows, pdl: bool) -> Result<()> {
         let p = &self.plan;
         let (heads, kv_heads, cap) = (p.heads as i32, p.kv_heads as i32, p.cap as i32);
         let interleaved = p.rope_interleaved as i32;
-        let mut lb = s.launch_builder(&self.funcs[&format!("kv_write_{}", p.head_dim)]);
+        let f = &self.funcs[&format!("kv_write_{}", p.head_dim)];
         let l = &self.layers[r.layer];
-        lb.arg(&r.qkv)
-            .arg(&r.ldq)
-            .arg(&l.k)
-            .arg(&l.v)
-            .arg(&heads)
-            .arg(&kv_heads)
-            .arg(&cap)
-            .arg(&self.at.inv_freq)
-            .arg(&interleaved)
-            .arg(&r.pos)
-            .arg(&r.slot)
-            .arg(&r.n);
         let cfg = LaunchConfig {
             grid_dim: (p.kv_heads as u32, r.count as u32, 1),
             block_dim: (p.head_dim as u32, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: positions are < cap and slots < the pool's slots (checked by the callers);
-        // `qkv` holds `count` rows of `ldq`.
-        unsafe { lb.launch(cfg) }.map_err(drv)?;
-        Ok(())
+        let mut a = params![
+            &r.qkv,
+            &r.ldq,
+            &l.k,
+            &l.v,
+            &heads,
+            &kv_heads,
+            &cap,
+            &self.at.inv_freq,
+            &interleaved,
+            &r.pos,
+            &r.slot,
+            &r.n
+        ];
+        // SAFETY: the kernel's parameters; positions are < cap and slots < the pool's slots
+        // (checked by the callers); `qkv` holds `count` rows of `ldq`.
+        unsafe { self.launch(s, f, cfg, pdl, &mut a) }
     }
 
-    /// One attention kernel (`attention_head_*` or `attention_group_*`) over `r`'s rows into
-    /// `out` (`[rows, heads * head_dim]`); `write_kv` 0 when `kv_write` ran before it.
+    /// One attention kernel (`attention_head_*`, `attention_group_*`, or with `split`
+    /// `attention_split_*`) over `r`'s rows into `out` (`[rows, heads * head_dim]`);
+    /// `write_kv` 0 when `kv_write` ran before it; `pdl` within a step (see `launch`).
+    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         s: &CudaStream,
@@ -550,31 +639,38 @@ impl GraphDecoder {
         out: u64,
         write_kv: i32,
         cfg: LaunchConfig,
+        split: bool,
+        pdl: bool,
     ) -> Result<()> {
         let p = &self.plan;
         let (heads, kv_heads, cap) = (p.heads as i32, p.kv_heads as i32, p.cap as i32);
         let interleaved = p.rope_interleaved as i32;
         let scale = 1f32 / (p.head_dim as f32).sqrt();
         let l = &self.layers[r.layer];
-        let mut lb = s.launch_builder(f);
-        lb.arg(&r.qkv)
-            .arg(&r.ldq)
-            .arg(&out)
-            .arg(&l.k)
-            .arg(&l.v)
-            .arg(&heads)
-            .arg(&kv_heads)
-            .arg(&cap)
-            .arg(&self.at.inv_freq)
-            .arg(&interleaved)
-            .arg(&r.pos)
-            .arg(&r.slot)
-            .arg(&r.n)
-            .arg(&scale)
-            .arg(&write_kv);
-        // SAFETY: as for `kv_write`; `out` holds the grid's rows of heads * head_dim.
-        unsafe { lb.launch(cfg) }.map_err(drv)?;
-        Ok(())
+        let mut a = params![
+            &r.qkv,
+            &r.ldq,
+            &out,
+            &l.k,
+            &l.v,
+            &heads,
+            &kv_heads,
+            &cap,
+            &self.at.inv_freq,
+            &interleaved,
+            &r.pos,
+            &r.slot,
+            &r.n,
+            &scale,
+            &write_kv,
+            &self.at.att_part,
+            &self.at.att_counter
+        ];
+        // the split kernel takes its chunk results' buffer and counters as well
+        let used = if split { a.len() } else { a.len() - 2 };
+        // SAFETY: the kernel's parameters, as for `kv_write`; `out` holds the grid's rows of
+        // heads * head_dim; `att_part`/`att_counter` hold MAX_BATCH rows of every head.
+        unsafe { self.launch(s, f, cfg, pdl, &mut a[..used]) }
     }
 
     /// Largest number of sequences one step can take.
@@ -582,21 +678,23 @@ impl GraphDecoder {
         self.max_batch
     }
 
-    /// One matrix product launch: `mv_*` kernels with `WPR` warps per output row (twice
-    /// that for SwiGLU), or from [`MM_FROM`] sequences on `mm_*` with `MM_ROWS` per block.
+    /// One matrix product launch: `mv_*` kernels with a warp per output row at a time
+    /// (SwiGLU: its gate and up rows) and at most the blocks the GPU holds at once, or from
+    /// [`MM_FROM`] sequences on `mm_*` with `MM_ROWS` per block.
     fn mv(&self, label: &'static str, nb: usize, m: &Mat, mut a: MvArgs) -> Result<()> {
         let t = crate::profile::start();
-        let (mode, warps_per_row) = match a.mode {
-            MODE_PLAIN => ("p", WPR),
-            MODE_RESID => ("r", WPR),
-            _ => ("g", 2 * WPR),
+        let mode = match a.mode {
+            MODE_PLAIN => "p",
+            MODE_RESID => "r",
+            _ => "g",
         };
         let (kind, rows_per_block, threads) = if nb >= MM_FROM {
             ("mm", MM_ROWS, MM_WARPS * 32)
         } else {
-            ("mv", WARPS / warps_per_row, WARPS * 32)
+            ("mv", WARPS, WARPS * 32)
         };
-        let f = &self.funcs[&format!("{kind}_{}_{mode}{nb}", m.tag)];
+        let name = format!("{kind}_{}_{mode}{nb}", m.tag);
+        let f = &self.funcs[&name];
         a.w = m.ptr;
         a.row_bytes = m.row_bytes as u64;
         a.k = m.k as i32;
@@ -608,17 +706,19 @@ impl GraphDecoder {
         if a.rows == 0 {
             a.rows = out_rows as i32;
         }
-        let blocks = (a.rows as usize).div_ceil(rows_per_block) as u32;
+        let mut blocks = (a.rows as usize).div_ceil(rows_per_block) as u32;
+        if let Some(&most) = self.resident.get(&name) {
+            blocks = blocks.min(most);
+        }
         let cfg = LaunchConfig {
             grid_dim: (blocks, 1, 1),
             block_dim: (threads as u32, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut b = self.stream.launch_builder(f);
-        b.arg(&a);
-        // SAFETY: every pointer in `a` addresses a live buffer of the sizes the kernel reads
-        // (checked shapes in `new`); rows beyond the step's batch size are never touched.
-        unsafe { b.launch(cfg) }.map_err(drv)?;
+        // SAFETY: the kernel takes one `MvArgs`; every pointer in it addresses a live buffer
+        // of the sizes the kernel reads (checked shapes in `new`; `part` holds a sum per
+        // block and row); rows beyond the step's batch size are never touched.
+        unsafe { self.launch(&self.stream, f, cfg, true, &mut params![&a]) }?;
         if kind == "mm" && a.mode == MODE_RESID {
             // the normed copy for the next reader, a block per (sequence, 256 columns)
             a.parts = blocks as i32;
@@ -627,10 +727,9 @@ impl GraphDecoder {
                 block_dim: (256, 1, 1),
                 shared_mem_bytes: 0,
             };
-            let mut b = self.stream.launch_builder(&self.funcs["norm_rows_f32"]);
-            b.arg(&a);
+            let f = &self.funcs["norm_rows_f32"];
             // SAFETY: as above; `part` holds `parts` sums for each of the step's rows.
-            unsafe { b.launch(cfg) }.map_err(drv)?;
+            unsafe { self.launch(&self.stream, f, cfg, true, &mut params![&a]) }?;
         }
         self.timed(label, t)
     }
@@ -665,25 +764,27 @@ impl GraphDecoder {
 
         let t = crate::profile::start();
         let f = &self.funcs[&format!("embed_{}", self.embed.tag)];
-        let mut lb = s.launch_builder(f);
         let (row_bytes, hidden) = (self.embed.row_bytes as u64, p.hidden as i32);
-        lb.arg(&self.embed.ptr)
-            .arg(&row_bytes)
-            .arg(&hidden)
-            .arg(&tok)
-            .arg(&n)
-            .arg(&x)
-            .arg(&xn)
-            .arg(&self.layers[0].attn_norm)
-            .arg(&p.eps);
         let cfg = LaunchConfig {
             grid_dim: (nb as u32, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: `x`/`xn` hold MAX_BATCH rows; token ids are checked against the vocab
-        // before they are uploaded.
-        unsafe { lb.launch(cfg) }.map_err(drv)?;
+        let mut args = params![
+            &self.embed.ptr,
+            &row_bytes,
+            &hidden,
+            &tok,
+            &n,
+            &x,
+            &xn,
+            &self.layers[0].attn_norm,
+            &p.eps
+        ];
+        // SAFETY: the kernel's parameters; `x`/`xn` hold MAX_BATCH rows; token ids are
+        // checked against the vocab before they are uploaded. The step's first kernel: an
+        // ordinary launch.
+        unsafe { self.launch(s, f, cfg, false, &mut args) }?;
         self.timed("gpu_embed", t)?;
 
         let base = MvArgs {
@@ -691,18 +792,20 @@ impl GraphDecoder {
             eps: p.eps,
             ..Default::default()
         };
-        // a block per query head, or from MM_FROM sequences on per KV head
-        let (att_f, att_grid, att_threads, att_smem) = if nb >= MM_FROM {
+        // a block per (query head, chunk of positions), or from MM_FROM sequences on a
+        // block per KV head
+        let split = nb < MM_FROM;
+        let (att_f, att_grid, att_threads, att_smem) = if split {
+            (
+                &self.funcs[&format!("attention_split_{}", p.head_dim)],
+                (p.heads as u32, ATT_SPLITS as u32, nb as u32),
+                SPLIT_THREADS,
+                4 * ATT_CHUNK.max(p.cap.div_ceil(ATT_SPLITS)),
+            )
+        } else {
             let f = &self.funcs[&format!("attention_group_{}", p.head_dim)];
             let group = p.heads / p.kv_heads;
-            (f, p.kv_heads, 256, 4 * group * p.cap)
-        } else {
-            (
-                &self.funcs[&format!("attention_head_{}", p.head_dim)],
-                p.heads,
-                1024,
-                4 * p.cap,
-            )
+            (f, (p.kv_heads as u32, nb as u32, 1), 256, 4 * group * p.cap)
         };
         let write_kv = (!prefill) as i32;
         for (li, l) in self.layers.iter().enumerate() {
@@ -737,14 +840,14 @@ impl GraphDecoder {
                 count: nb,
             };
             if prefill {
-                self.kv_write(s, &rows)?;
+                self.kv_write(s, &rows, true)?;
             }
             let cfg = LaunchConfig {
-                grid_dim: (att_grid as u32, nb as u32, 1),
+                grid_dim: att_grid,
                 block_dim: (att_threads, 1, 1),
                 shared_mem_bytes: att_smem as u32,
             };
-            self.attention(s, att_f, &rows, att, write_kv, cfg)?;
+            self.attention(s, att_f, &rows, att, write_kv, cfg, split, true)?;
             self.timed("gpu_attention", t)?;
             let resid = |norm_next: u64| MvArgs {
                 y: x,
@@ -800,16 +903,24 @@ impl GraphDecoder {
             },
         )?;
         let t = crate::profile::start();
-        let mut lb = s.launch_builder(&self.funcs["greedy_rows"]);
         let vocab = p.vocab as i32;
-        lb.arg(&a.logits).arg(&vocab).arg(&n).arg(&a.picks);
         let cfg = LaunchConfig {
             grid_dim: (nb as u32, 1, 1),
             block_dim: (1024, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: `logits` holds MAX_BATCH rows of `vocab`, `picks` two values per row.
-        unsafe { lb.launch(cfg) }.map_err(drv)?;
+        let f = &self.funcs["greedy_rows"];
+        // SAFETY: the kernel's parameters; `logits` holds MAX_BATCH rows of `vocab`, `picks`
+        // two values per row.
+        unsafe {
+            self.launch(
+                s,
+                f,
+                cfg,
+                true,
+                &mut params![&a.logits, &vocab, &n, &a.picks],
+            )
+        }?;
         self.timed("gpu_greedy", t)
     }
 

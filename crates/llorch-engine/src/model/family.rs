@@ -459,7 +459,8 @@ pub struct FamilyModel {
     pool: Option<KvPool>,
     /// Decode steps through our fused kernels as CUDA graphs (see [`super::graph`]).
     #[cfg(feature = "cuda")]
-    graph: Option<Mutex<super::graph::GraphDecoder>>,
+    /// Boxed: the decoder's tables are large and most models' enum values never hold one.
+    graph: Option<Box<Mutex<super::graph::GraphDecoder>>>,
 }
 
 /// Grow KV caches in chunks of this many positions (allocation amortised, memory bounded).
@@ -1144,7 +1145,7 @@ impl FamilyModel {
         match made {
             Ok(g) => {
                 tracing::info!("decode steps run as CUDA graphs of fused kernels");
-                self.graph = Some(Mutex::new(g));
+                self.graph = Some(Box::new(Mutex::new(g)));
             }
             Err(e) => tracing::info!(reason = %e, "decode steps stay on Candle's kernels"),
         }

@@ -173,93 +173,6 @@ template <int QT> struct Layout { static constexpr int X = 16; };
 template <> struct Layout<T_Q4_K> { static constexpr int X = 32; };
 template <> struct Layout<T_Q6_K> { static constexpr int X = 64; };
 
-template <int QT>
-__device__ __forceinline__ void dequant(const Raw& r, int g, int lane, float* w, int& c0) {
-    if (QT == T_Q4_K) {
-        const int sb = 4 * g + (lane >> 3), part = lane & 7;
-        const float2 dm = __half22float2(*(const __half2*)&r.h[0]);
-        const u32 sc[3] = {r.q[4], r.q[5], r.q[6]};
-        const int j = part >> 1, b0 = (part & 1) * 16;
-        float s[2], m[2];
-        q4k_scale(sc, 2 * j, s[0], m[0]);
-        q4k_scale(sc, 2 * j + 1, s[1], m[1]);
-        const float d0 = dm.x * s[0], n0 = dm.y * m[0], d1 = dm.x * s[1], n1 = dm.y * m[1];
-#pragma unroll
-        for (int e = 0; e < 16; ++e) {
-            const u32 by = (r.q[e >> 2] >> (8 * (e & 3))) & 0xFF;
-            w[e] = d0 * u2f(by & 0xF) - n0;
-            w[16 + e] = d1 * u2f(by >> 4) - n1;
-        }
-        c0 = sb * 256 + 64 * j + b0;
-    } else if (QT == T_Q6_K) {
-        const int sb = 4 * g + (lane >> 3), part = lane & 7;
-        const float d = h2f(r.h[0]);
-        const int nh = part >> 2, q = part & 3, lb = 16 * (q & 1), sel = q >> 1;
-        const float slo = d * (float)(int8_t)r.h[1];
-        const float shi = d * (float)(int8_t)r.h[2];
-#pragma unroll
-        for (int e4 = 0; e4 < 4; ++e4) {
-            const u32 l4 = r.q[e4], h4 = r.q[4 + e4];
-#pragma unroll
-            for (int f = 0; f < 4; ++f) {
-                const u32 l = (l4 >> (8 * f)) & 0xFF, h = (h4 >> (8 * f)) & 0xFF;
-                const u32 lo = (l & 0xF) | (((h >> (2 * sel)) & 3) << 4);
-                const u32 hi = (l >> 4) | (((h >> (4 + 2 * sel)) & 3) << 4);
-                w[4 * e4 + f] = slo * (u2f(lo) - 32.f);
-                w[16 + 4 * e4 + f] = shi * (u2f(hi) - 32.f);
-            }
-        }
-        c0 = sb * 256 + 128 * nh + 32 * sel + lb;
-    } else {
-        // 32-wide blocks: one block per lane
-        const int blk = 32 * g + lane;
-        c0 = blk * 32;
-        if (QT == T_Q8_0) {
-            const float d = h2f(r.h[0]);
-#pragma unroll
-            for (int e4 = 0; e4 < 8; ++e4) {
-                const u32 v = r.q[e4];
-#pragma unroll
-                for (int f = 0; f < 4; ++f)  // int8 b = (b ^ 0x80) - 128
-                    w[4 * e4 + f] = (u2f(((v >> (8 * f)) & 0xFF) ^ 0x80) - 128.f) * d;
-            }
-        } else if (QT == T_Q4_0 || QT == T_Q5_0) {
-            const float d = h2f(r.h[0]);
-            const u32 qh = QT == T_Q5_0 ? r.h[1] : 0;
-#pragma unroll
-            for (int e4 = 0; e4 < 4; ++e4) {
-                const u32 v = r.q[e4];
-#pragma unroll
-                for (int f = 0; f < 4; ++f) {
-                    const int j = 4 * e4 + f;
-                    const u32 by = (v >> (8 * f)) & 0xFF;
-                    if (QT == T_Q4_0) {
-                        w[j] = (u2f(by & 0xF) - 8.f) * d;
-                        w[16 + j] = (u2f(by >> 4) - 8.f) * d;
-                    } else {
-                        const u32 x0 = (by & 0xF) | (((qh >> j) << 4) & 0x10);
-                        const u32 x1 = (by >> 4) | ((qh >> (j + 12)) & 0x10);
-                        w[j] = (u2f(x0) - 16.f) * d;
-                        w[16 + j] = (u2f(x1) - 16.f) * d;
-                    }
-                }
-            }
-        } else {  // T_Q4_1
-            const float2 dm = __half22float2(*(const __half2*)&r.h[0]);
-#pragma unroll
-            for (int e4 = 0; e4 < 4; ++e4) {
-                const u32 v = r.q[e4];
-#pragma unroll
-                for (int f = 0; f < 4; ++f) {
-                    const u32 by = (v >> (8 * f)) & 0xFF;
-                    w[4 * e4 + f] = u2f(by & 0xF) * dm.x + dm.y;
-                    w[16 + 4 * e4 + f] = u2f(by >> 4) * dm.x + dm.y;
-                }
-            }
-        }
-    }
-}
-
 // The lane's 32 weights of step `g` as w = sc[h] * q + mn[h] for the halves h (16 weights
 // each): q exact small integers as floats, centred where the format has a fixed offset,
 // so the inner loop is one multiply-add a weight and the scales apply once per 16. A byte
@@ -359,7 +272,10 @@ __device__ __forceinline__ bool load32(const uint8_t* row, int k, int g, int lan
     if (!lane_has<QT>(k, g, lane)) return false;
     Raw r;
     raw_load<QT>(row, g, lane, r);
-    dequant<QT>(r, g, lane, w, c0);
+    float sc[2], mn[2] = {0.f, 0.f};
+    unpack<QT>(r, g, lane, w, sc, mn, c0);
+#pragma unroll
+    for (int e = 0; e < 32; ++e) w[e] = sc[e >> 4] * w[e] + mn[e >> 4];
     return true;
 }
 
@@ -887,6 +803,18 @@ __device__ __forceinline__ void rope_pair(const float* src, int a, int b, float 
     dst[b] = x1;
 }
 
+// The score of query `qs` (shared memory) against key `kr`, before scaling.
+template <int D>
+__device__ __forceinline__ float key_dot(const float* qs, const float* kr) {
+    float d = 0.f;
+#pragma unroll
+    for (int e = 0; e < D; e += 4) {
+        const float4 kv = *(const float4*)(kr + e);
+        d += qs[e] * kv.x + qs[e + 1] * kv.y + qs[e + 2] * kv.z + qs[e + 3] * kv.w;
+    }
+    return d;
+}
+
 // RoPE on the new keys and the keys/values written to each row's KV slot, before attention,
 // for steps where several rows extend the same sequence (prompt tokens fed through the
 // graph): each row's attention then reads the keys of the rows before it from the cache.
@@ -957,13 +885,7 @@ __device__ void attention_head(const float* qkv, int ldq, float* out, float* kc,
     float mx = -INFINITY;
     for (int j = t; j <= pos; j += blockDim.x) {
         const float* kr = j == pos && write_kv ? kn : kb + (size_t)j * D;
-        float d = 0.f;
-#pragma unroll
-        for (int e = 0; e < D; e += 4) {
-            const float4 kv = *(const float4*)(kr + e);
-            d += qs[e] * kv.x + qs[e + 1] * kv.y + qs[e + 2] * kv.z + qs[e + 3] * kv.w;
-        }
-        d *= scale;
+        const float d = key_dot<D>(qs, kr) * scale;
         sc[j] = d;
         mx = fmaxf(mx, d);
     }
@@ -1067,13 +989,7 @@ __device__ void attention_split(const float* qkv, int ldq, float* out, float* kc
     float mx = -INFINITY;
     for (int j = j0 + t; j < j1; j += SPLIT_THREADS) {
         const float* kr = j == pos && write_kv ? kn : kb + (size_t)j * D;
-        float d = 0.f;
-#pragma unroll
-        for (int e = 0; e < D; e += 4) {
-            const float4 kv = *(const float4*)(kr + e);
-            d += qs[e] * kv.x + qs[e + 1] * kv.y + qs[e + 2] * kv.z + qs[e + 3] * kv.w;
-        }
-        d *= scale;
+        const float d = key_dot<D>(qs, kr) * scale;
         sc[j - j0] = d;
         mx = fmaxf(mx, d);
     }

@@ -22,6 +22,7 @@ import argparse
 import ctypes
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -59,7 +60,7 @@ class Mv(ctypes.Structure):
     _fields_ = [(f, ctypes.c_uint64) for f in
                 ["w", "x", "norm_next", "xn", "bias", "y", "part", "counter", "n", "row_bytes"]] + \
                [("rows", ctypes.c_int), ("k", ctypes.c_int), ("ldy", ctypes.c_int),
-                ("mode", ctypes.c_int), ("eps", ctypes.c_float), ("parts", ctypes.c_int)]
+                ("mode", ctypes.c_int), ("eps", ctypes.c_float), ("parts", ctypes.c_int), ("norm_in", ctypes.c_uint64)]
 
 
 class Variant:
@@ -71,7 +72,9 @@ class Variant:
         self.mm = "mm" in flags
         self.pdl = "pdl" in flags
         self.persist = "persist" in flags
-        flags = [f for f in flags if f not in ("mm", "pdl", "persist")]
+        # `half`: grids capped at half of that, so the next kernel's blocks fit beside them
+        self.half = "half" in flags
+        flags = [f for f in flags if f not in ("mm", "pdl", "persist", "half")]
         cubin = os.path.join(out_dir, f"{name}.cubin")
         cmd = ["nvcc", "--cubin", "-O3", "-arch=sm_90", "-Xptxas", "-v", *flags, "-o", cubin, src]
         r = subprocess.run(cmd, capture_output=True, text=True)
@@ -83,6 +86,13 @@ class Variant:
         self.new = self._has("mv_q4_k_p1")
         # this round's kernels: a warp per SwiGLU row pair, attention split over positions
         self.split = self._has(f"attention_split_{HD}")
+        # matrix-vector kernels that round their inputs into shared memory (bytes per
+        # sequence and 1024-column step)
+        m = re.search(r"^#define XQ_STEP (\d+)", open(src).read(), re.M)
+        self.xq_step = int(m.group(1)) if m else 0
+        # attention_split copying keys and values ahead into shared memory (floats of each)
+        m = re.search(r"^#define ATT_PF (\d+)", open(src).read(), re.M)
+        self.att_pf = int(m.group(1)) if m else 0
         self.wpr = int(next((f[6:] for f in flags if f.startswith("-DWPR=")), "1"))
         self.warps = int(next((f[8:] for f in flags if f.startswith("-DWARPS=")), "8"))
 
@@ -171,24 +181,39 @@ def p(a):
 SMS = cp.cuda.Device().attributes["MultiProcessorCount"]
 
 
-def resident_blocks(fn, threads):
+def resident_blocks(fn, threads, smem=0):
     """Blocks of `fn` the whole GPU holds at once."""
     nb = ctypes.c_int()
     check(cuda.cuOccupancyMaxActiveBlocksPerMultiprocessor(ctypes.byref(nb), ctypes.c_void_p(fn.ptr), threads,
-                                                           ctypes.c_size_t(0)), "occupancy")
+                                                           ctypes.c_size_t(smem)), "occupancy")
     return nb.value * SMS
 
 
-def mv_args(v, m, qt, mode, nb, wbuf, row_bytes, rows, k, x, y, ldy, norm_next=None):
+def mv_args(v, m, qt, mode, nb, wbuf, row_bytes, rows, k, x, y, ldy, norm_next=None, norm_in=None):
+    """A matrix product; `norm_next`: the norm the residual kernels write the normed copy
+    `xn` for, `norm_in`: the norm the kernel applies to its input itself (`x` then is the
+    residual stream; variants whose kernels round their inputs, up to batch 4)."""
     fn, rpb, threads = v.mv(qt, mode, nb)
+    if v.xq_step and not (v.mm and nb >= 8):
+        if norm_in is not None:
+            x = m.x
+        norm_next = None
+    else:
+        norm_in = None
     a = Mv(w=wbuf.data.ptr, x=x.data.ptr, y=y.data.ptr, n=m.params.data.ptr + 4 * 3 * MAXB,
            row_bytes=row_bytes, rows=rows, k=k, ldy=ldy, mode=mode, eps=EPS,
            part=m.part.data.ptr, counter=m.counter.data.ptr,
-           norm_next=norm_next.data.ptr if norm_next is not None else 0, xn=m.xn.data.ptr)
+           norm_next=norm_next.data.ptr if norm_next is not None else 0, xn=m.xn.data.ptr,
+           norm_in=norm_in.data.ptr if norm_in is not None else 0)
     grid = (rows + rpb - 1) // rpb
-    if v.persist and not (v.mm and nb >= 8):
-        grid = min(grid, resident_blocks(fn, threads))
-    return fn, (grid, 1, 1), (threads, 1, 1), 0, [a]
+    smem = 0
+    if not (v.mm and nb >= 8):
+        smem = nb * ((k + 1023) // 1024) * v.xq_step
+        if smem > 48 * 1024:  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+            check(cuda.cuFuncSetAttribute(ctypes.c_void_p(fn.ptr), 8, smem), "cuFuncSetAttribute")
+        if v.persist:
+            grid = min(grid, resident_blocks(fn, threads, smem) // (2 if v.half else 1))
+    return fn, (grid, 1, 1), (threads, 1, 1), smem, [a]
 
 
 def norm_after(v, nb, out):
@@ -216,7 +241,9 @@ def step_launches(v, m, nb, only=None):
     if not v.new:
         att, geo = v.mod.get_function(f"attention_{HD}"), ((HEADS, nb, 1), (1024, 1, 1), 4 * CAP)
     elif nb <= 4 and v.split:  # a block per (query head, chunk of positions)
-        att, geo = v.mod.get_function(f"attention_split_{HD}"), ((HEADS, 16, nb), (128, 1, 1), 4 * CAP)
+        smem = 4 * CAP + 2 * (v.att_pf // HD) * (HD + 4) * 4
+        att, geo = v.mod.get_function(f"attention_split_{HD}"), ((HEADS, 16, nb), (128, 1, 1), smem)
+        check(cuda.cuFuncSetAttribute(ctypes.c_void_p(att.ptr), 8, smem), "cuFuncSetAttribute")
         att_extra = [p(m.att_part), p(m.att_counter)]
     elif nb <= 4:  # a block per query head
         att, geo = v.mod.get_function(f"attention_head_{HD}"), ((HEADS, nb, 1), (1024, 1, 1), 4 * CAP)
@@ -225,17 +252,20 @@ def step_launches(v, m, nb, only=None):
         check(cuda.cuFuncSetAttribute(ctypes.c_void_p(att.ptr), 8, geo[2]), "cuFuncSetAttribute")
     for li, lay in enumerate(m.layers):
         nxt = m.layers[li + 1]["attn_norm"] if li + 1 < L else m.out_norm
-        out.append(("qkv", *mv_args(v, m, qt, 0, nb, *lay["qkv"], QKV, H, m.xn, m.qkv, QKV)))
+        out.append(("qkv", *mv_args(v, m, qt, 0, nb, *lay["qkv"], QKV, H, m.xn, m.qkv, QKV,
+                                    norm_in=lay["attn_norm"])))
         out.append(("attention", att, *geo,
                     [p(m.qkv), ctypes.c_int(QKV), p(m.att), p(lay["k"]), p(lay["v"]), ctypes.c_int(HEADS),
                      ctypes.c_int(KVH), ctypes.c_int(CAP), p(m.inv_freq), ctypes.c_int(0), pos, slot, n,
                      ctypes.c_float(HD ** -0.5), ctypes.c_int(1)] + att_extra))  # write_kv (ignored by older kernels)
         out.append(("o", *mv_args(v, m, qt, 1, nb, *lay["o"], H, HEADS * HD, m.att, m.x, H, lay["ffn_norm"])))
         norm_after(v, nb, out)
-        out.append(("gate_up", *mv_args(v, m, qt, 2, nb, *lay["gate_up"], I, H, m.xn, m.act, I)))
+        out.append(("gate_up", *mv_args(v, m, qt, 2, nb, *lay["gate_up"], I, H, m.xn, m.act, I,
+                                        norm_in=lay["ffn_norm"])))
         out.append(("down", *mv_args(v, m, qt, 1, nb, *lay["down"], H, I, m.act, m.x, H, nxt)))
         norm_after(v, nb, out)
-    out.append(("lm_head", *mv_args(v, m, qt, 0, nb, *m.lm_head, VOCAB, H, m.xn, m.logits, VOCAB)))
+    out.append(("lm_head", *mv_args(v, m, qt, 0, nb, *m.lm_head, VOCAB, H, m.xn, m.logits, VOCAB,
+                                    norm_in=m.out_norm)))
     out = [o for o in out if only is None or o[0] == only]
     return out
 

@@ -56,6 +56,7 @@ struct MvArgs {
     int mode;
     float eps;
     int parts;                // norm_rows: partial sums per row in `part` (the producer's blocks)
+    const float* norm_in;     // matvec: weight of the RMS norm to apply to x first, or null
 };
 
 // Programmatic dependent launch (sm_90+, `graph.rs` launches the step's kernels with it):
@@ -173,127 +174,193 @@ template <int QT> struct Layout { static constexpr int X = 16; };
 template <> struct Layout<T_Q4_K> { static constexpr int X = 32; };
 template <> struct Layout<T_Q6_K> { static constexpr int X = 64; };
 
-// The lane's 32 weights of step `g` as w = sc[h] * q + mn[h] for the halves h (16 weights
-// each): q exact small integers as floats, centred where the format has a fixed offset,
-// so the inner loop is one multiply-add a weight and the scales apply once per 16. A byte
-// becomes a float by putting it under the exponent of 2^23 (one byte permute) and taking
-// 2^23 plus the offset away; four nibbles or bytes are masked at once.
-template <int QT> struct HasMin { static constexpr bool v = QT == T_Q4_K || QT == T_Q4_1; };
-
-__device__ __forceinline__ float bytef(u32 v4, int f, float off) {
-    return __int_as_float(__byte_perm(v4, 0x4B000000u, 0x7540u | f)) - off;
+// The first column of the lane's 32 in step `g` (its second 16 start X later).
+template <int QT>
+__device__ __forceinline__ int col0(int g, int lane) {
+    if (QT == T_Q4_K || QT == T_Q6_K) {
+        const int sb = 4 * g + (lane >> 3), part = lane & 7;
+        if (QT == T_Q4_K) return sb * 256 + 64 * (part >> 1) + (part & 1) * 16;
+        const int qq = part & 3;
+        return sb * 256 + 128 * (part >> 2) + 32 * (qq >> 1) + 16 * (qq & 1);
+    }
+    return (32 * g + lane) * 32;
 }
+
+// The lane's 32 weights of step `g` as w = sc[h] * (b - Off) + mn[h] for the halves h (16
+// weights each): b unsigned bytes, four to a word (b[0..3] the first half's columns in
+// order, b[4..7] the second's), Off the format's fixed offset, so the products take the
+// integers as they are and the scales apply once per 16. Four nibbles are masked at once.
+template <int QT> struct HasMin { static constexpr bool v = QT == T_Q4_K || QT == T_Q4_1; };
+template <int QT> struct Off { static constexpr int v = 0; };
+template <> struct Off<T_Q6_K> { static constexpr int v = 32; };
+template <> struct Off<T_Q8_0> { static constexpr int v = 128; };
+template <> struct Off<T_Q4_0> { static constexpr int v = 8; };
+template <> struct Off<T_Q5_0> { static constexpr int v = 16; };
 
 // bits 0..3 of b to bit 4 of bytes 0..3
 __device__ __forceinline__ u32 spread4(u32 b) { return ((b * 0x00204081u) & 0x01010101u) << 4; }
 
 template <int QT>
-__device__ __forceinline__ void unpack(const Raw& r, int g, int lane, float* q, float* sc,
-                                       float* mn, int& c0) {
+__device__ __forceinline__ void unpack_q(const Raw& r, int lane, u32* b, float* sc, float* mn) {
     if (QT == T_Q4_K) {
-        const int sb = 4 * g + (lane >> 3), part = lane & 7;
+        const int j = (lane & 7) >> 1;
         const float2 dm = __half22float2(*(const __half2*)&r.h[0]);
         const u32 scb[3] = {r.q[4], r.q[5], r.q[6]};
-        const int j = part >> 1, b0 = (part & 1) * 16;
         float s0, m0, s1, m1;
         q4k_scale(scb, 2 * j, s0, m0);
         q4k_scale(scb, 2 * j + 1, s1, m1);
         sc[0] = dm.x * s0, mn[0] = -(dm.y * m0), sc[1] = dm.x * s1, mn[1] = -(dm.y * m1);
 #pragma unroll
-        for (int e4 = 0; e4 < 4; ++e4) {
-            const u32 lo = r.q[e4] & 0x0F0F0F0Fu, hi = (r.q[e4] >> 4) & 0x0F0F0F0Fu;
-#pragma unroll
-            for (int f = 0; f < 4; ++f) {
-                q[4 * e4 + f] = bytef(lo, f, 8388608.f);
-                q[16 + 4 * e4 + f] = bytef(hi, f, 8388608.f);
-            }
-        }
-        c0 = sb * 256 + 64 * j + b0;
+        for (int e4 = 0; e4 < 4; ++e4) b[e4] = r.q[e4] & 0x0F0F0F0Fu, b[4 + e4] = (r.q[e4] >> 4) & 0x0F0F0F0Fu;
     } else if (QT == T_Q6_K) {
-        const int sb = 4 * g + (lane >> 3), part = lane & 7;
+        const int sel = (lane & 3) >> 1;
         const float d = h2f(r.h[0]);
-        const int nh = part >> 2, qq = part & 3, lb = 16 * (qq & 1), sel = qq >> 1;
         sc[0] = d * (float)(int8_t)r.h[1];
         sc[1] = d * (float)(int8_t)r.h[2];
 #pragma unroll
         for (int e4 = 0; e4 < 4; ++e4) {
             const u32 l4 = r.q[e4], h4 = r.q[4 + e4];
-            const u32 lo = (l4 & 0x0F0F0F0Fu) | (((h4 >> (2 * sel)) & 0x03030303u) << 4);
-            const u32 hi = ((l4 >> 4) & 0x0F0F0F0Fu) | (((h4 >> (4 + 2 * sel)) & 0x03030303u) << 4);
-#pragma unroll
-            for (int f = 0; f < 4; ++f) {
-                q[4 * e4 + f] = bytef(lo, f, 8388640.f);  // 2^23 + 32
-                q[16 + 4 * e4 + f] = bytef(hi, f, 8388640.f);
-            }
+            b[e4] = (l4 & 0x0F0F0F0Fu) | (((h4 >> (2 * sel)) & 0x03030303u) << 4);
+            b[4 + e4] = ((l4 >> 4) & 0x0F0F0F0Fu) | (((h4 >> (4 + 2 * sel)) & 0x03030303u) << 4);
         }
-        c0 = sb * 256 + 128 * nh + 32 * sel + lb;
+    } else if (QT == T_Q8_0) {
+        sc[0] = sc[1] = h2f(r.h[0]);
+#pragma unroll
+        for (int e4 = 0; e4 < 8; ++e4) b[e4] = r.q[e4] ^ 0x80808080u;  // int8 + 128
     } else {
-        const int blk = 32 * g + lane;
-        c0 = blk * 32;
-        if (QT == T_Q8_0) {
-            sc[0] = sc[1] = h2f(r.h[0]);
-#pragma unroll
-            for (int e4 = 0; e4 < 8; ++e4) {
-                const u32 v = r.q[e4] ^ 0x80808080u;  // int8 + 128
-#pragma unroll
-                for (int f = 0; f < 4; ++f) q[4 * e4 + f] = bytef(v, f, 8388736.f);  // 2^23 + 128
-            }
+        if (QT == T_Q4_1) {
+            const float2 dm = __half22float2(*(const __half2*)&r.h[0]);
+            sc[0] = sc[1] = dm.x;
+            mn[0] = mn[1] = dm.y;
         } else {
-            const float off = QT == T_Q4_0 ? 8388616.f : QT == T_Q5_0 ? 8388624.f : 8388608.f;
-            if (QT == T_Q4_1) {
-                const float2 dm = __half22float2(*(const __half2*)&r.h[0]);
-                sc[0] = sc[1] = dm.x;
-                mn[0] = mn[1] = dm.y;
-            } else {
-                sc[0] = sc[1] = h2f(r.h[0]);
-            }
+            sc[0] = sc[1] = h2f(r.h[0]);
+        }
 #pragma unroll
-            for (int e4 = 0; e4 < 4; ++e4) {
-                u32 lo = r.q[e4] & 0x0F0F0F0Fu, hi = (r.q[e4] >> 4) & 0x0F0F0F0Fu;
-                if (QT == T_Q5_0) {
-                    lo |= spread4((r.h[1] >> (4 * e4)) & 0xF);
-                    hi |= spread4((r.h[1] >> (16 + 4 * e4)) & 0xF);
-                }
-#pragma unroll
-                for (int f = 0; f < 4; ++f) {
-                    q[4 * e4 + f] = bytef(lo, f, off);
-                    q[16 + 4 * e4 + f] = bytef(hi, f, off);
-                }
+        for (int e4 = 0; e4 < 4; ++e4) {
+            b[e4] = r.q[e4] & 0x0F0F0F0Fu, b[4 + e4] = (r.q[e4] >> 4) & 0x0F0F0F0Fu;
+            if (QT == T_Q5_0) {
+                b[e4] |= spread4((r.h[1] >> (4 * e4)) & 0xF);
+                b[4 + e4] |= spread4((r.h[1] >> (16 + 4 * e4)) & 0xF);
             }
         }
     }
 }
 
-// Loads and dequantizes the lane's 32 weights of step `g`; false when its columns lie past
-// the end of the row.
+// Loads and dequantizes the lane's 32 weights of step `g` to floats (the embedding); false
+// when its columns lie past the end of the row. A byte becomes a float by putting it under
+// the exponent of 2^23 (one byte permute) and taking 2^23 plus the offset away.
 template <int QT>
 __device__ __forceinline__ bool load32(const uint8_t* row, int k, int g, int lane, float* w,
                                        int& c0) {
     if (!lane_has<QT>(k, g, lane)) return false;
     Raw r;
     raw_load<QT>(row, g, lane, r);
+    u32 b[8];
     float sc[2], mn[2] = {0.f, 0.f};
-    unpack<QT>(r, g, lane, w, sc, mn, c0);
+    unpack_q<QT>(r, lane, b, sc, mn);
+    const float off = 8388608.f + Off<QT>::v;
 #pragma unroll
-    for (int e = 0; e < 32; ++e) w[e] = sc[e >> 4] * w[e] + mn[e >> 4];
+    for (int e4 = 0; e4 < 8; ++e4)
+#pragma unroll
+        for (int f = 0; f < 4; ++f) {
+            const float q = __int_as_float(__byte_perm(b[e4], 0x4B000000u, 0x7540u | f)) - off;
+            w[4 * e4 + f] = sc[e4 >> 2] * q + mn[e4 >> 2];
+        }
+    c0 = col0<QT>(g, lane);
     return true;
 }
 
-// The lane's 32 inputs of row `i`.
-template <int X>
-__device__ __forceinline__ void load_x(const MvArgs& a, int i, int c0, float* xv) {
-    const float* xr = a.x + (size_t)i * a.k;
+// The matrix-vector kernels take their inputs as 16-bit integers with a scale per 16
+// columns (x ~ scale * xq, |xq| <= 32767: an error under 2^-16 of the 16 columns' largest),
+// so a weight costs half a `dp2a` (two 16-bit by 8-bit products added into 32 bits,
+// exactly) instead of a conversion and a float multiply-add, and half the shared-memory
+// bytes. Each block rounds the input rows into shared memory in the order its lanes read
+// them: per sequence and 1024-column step, the 32 lanes' 16-byte words (word v of lane L at
+// (32 v + L) * 16: no bank conflicts), then each lane's (scale, sum of xq) for its halves.
+#define XQ_STEP 2560  // bytes per sequence and step: 4 x 32 x 16 of xq, 32 x 16 of scales
+
+__device__ __forceinline__ u32 pack16(int a, int b) { return (u32)(a & 0xFFFF) | ((u32)b << 16); }
+
+// With `norm_in` the rows are RMS-normed: the norm's weights multiply x before rounding and
+// the row's 1 / rms goes to `rs`, for the kernel to scale its sums with (the normed copy is
+// never written: no extra pass over the rows, no last block that waits for the others).
+template <int QT, int NB>
+__device__ void quantize_x(const MvArgs& a, int n, int ng, uint8_t* sm, float* rs) {
+    constexpr int X = Layout<QT>::X;
+    const int per = ng * 64;  // (step, lane, half)
+    float ss[NB];  // this thread's sums of squares per row
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
+    for (int i = 0; i < NB; ++i) ss[i] = 0.f;
+    for (int idx = threadIdx.x; idx < n * per; idx += blockDim.x) {
+        const int i = idx / per, rem = idx - i * per, g = rem >> 6, lane = (rem >> 1) & 31, h = rem & 1;
+        if (!lane_has<QT>(a.k, g, lane)) continue;
+        const float* xp = a.x + (size_t)i * a.k + col0<QT>(g, lane) + h * X;
+        float v[16];
 #pragma unroll
-        for (int v = 0; v < 4; ++v) {
-            const float4 p = *(const float4*)(xr + c0 + h * X + 4 * v);
-            xv[16 * h + 4 * v] = p.x;
-            xv[16 * h + 4 * v + 1] = p.y;
-            xv[16 * h + 4 * v + 2] = p.z;
-            xv[16 * h + 4 * v + 3] = p.w;
+        for (int e = 0; e < 4; ++e) {
+            const float4 p = *(const float4*)(xp + 4 * e);
+            v[4 * e] = p.x, v[4 * e + 1] = p.y, v[4 * e + 2] = p.z, v[4 * e + 3] = p.w;
+        }
+        if (a.norm_in) {
+            const float* gp = a.norm_in + col0<QT>(g, lane) + h * X;
+            float s2 = 0.f;
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const float4 w = *(const float4*)(gp + 4 * e);
+                s2 += v[4 * e] * v[4 * e] + v[4 * e + 1] * v[4 * e + 1] + v[4 * e + 2] * v[4 * e + 2] +
+                      v[4 * e + 3] * v[4 * e + 3];
+                v[4 * e] *= w.x, v[4 * e + 1] *= w.y, v[4 * e + 2] *= w.z, v[4 * e + 3] *= w.w;
+            }
+#pragma unroll
+            for (int ii = 0; ii < NB; ++ii)
+                if (ii == i) ss[ii] += s2;
+        }
+        float m = 0.f;
+#pragma unroll
+        for (int e = 0; e < 16; ++e) m = fmaxf(m, fabsf(v[e]));
+        const float inv = m > 0.f ? 32767.f / m : 0.f;
+        int q[16], s = 0;
+#pragma unroll
+        for (int e = 0; e < 16; ++e) q[e] = __float2int_rn(v[e] * inv), s += q[e];
+        uint8_t* base = sm + (size_t)(i * ng + g) * XQ_STEP;
+        *(uint4*)(base + ((2 * h) * 32 + lane) * 16) =
+            make_uint4(pack16(q[0], q[1]), pack16(q[2], q[3]), pack16(q[4], q[5]), pack16(q[6], q[7]));
+        *(uint4*)(base + ((2 * h + 1) * 32 + lane) * 16) =
+            make_uint4(pack16(q[8], q[9]), pack16(q[10], q[11]), pack16(q[12], q[13]), pack16(q[14], q[15]));
+        *(float2*)(base + 2048 + lane * 16 + h * 8) = make_float2(m / 32767.f, __int_as_float(s));
+    }
+    // the rows' sums of squares in a fixed order (deterministic)
+    __shared__ float red[WARPS][NB];
+    const int t = threadIdx.x;
+    if (a.norm_in) {
+#pragma unroll
+        for (int i = 0; i < NB; ++i) {
+            const float v = warp_sum(ss[i]);
+            if ((t & 31) == 0) red[t >> 5][i] = v;
         }
     }
+    __syncthreads();
+    if (t < NB) {
+        float v = 0.f;
+        if (a.norm_in) {
+#pragma unroll
+            for (int w = 0; w < WARPS; ++w) v += red[w][t];
+        }
+        rs[t] = a.norm_in ? 1.f / sqrtf(v / (float)a.k + a.eps) : 1.f;
+    }
+    __syncthreads();
+}
+
+// d = c + x.lo * b.byte(0|2) + x.hi * b.byte(1|3): signed 16-bit x, unsigned 8-bit weights
+__device__ __forceinline__ int dp2a_lo(u32 x, u32 b, int c) {
+    int d;
+    asm("dp2a.lo.s32.u32 %0, %1, %2, %3;" : "=r"(d) : "r"(x), "r"(b), "r"(c));
+    return d;
+}
+__device__ __forceinline__ int dp2a_hi(u32 x, u32 b, int c) {
+    int d;
+    asm("dp2a.hi.s32.u32 %0, %1, %2, %3;" : "=r"(d) : "r"(x), "r"(b), "r"(c));
+    return d;
 }
 
 // Writes output (sequence i, row r) of a product whose sum is v (SwiGLU: v2 the up row's)
@@ -311,57 +378,6 @@ __device__ __forceinline__ float store_out(const MvArgs& a, int i, int r, float 
     }
     *yp = out;
     return out;
-}
-
-// The residual stream's next reader wants it RMS-normed: once every block has written its
-// partial sums of squares (`part[row * gridDim.x + block]`), the last block to finish sums
-// them in a fixed order (deterministic, unlike float atomics) and writes the normed copy
-// `xn` of the `n` rows.
-__device__ void resid_tail(const MvArgs& a, int n) {
-    __shared__ bool last;
-    __shared__ float rs[32];
-    __threadfence();
-    __syncthreads();
-    const int t = threadIdx.x, lane = t & 31, warp = t >> 5, nw = blockDim.x >> 5;
-    if (t == 0) last = atomicAdd(a.counter, 1u) == gridDim.x - 1;
-    __syncthreads();
-    if (!last) return;
-    // every load of a pass is issued before its values are used: this block's tail is a
-    // chain of memory round trips that all the next kernel waits on
-    constexpr int PB = 8;
-    for (int i = warp; i < n; i += nw) {
-        float s = 0.f;
-        for (int b0 = lane; b0 < (int)gridDim.x; b0 += 32 * PB) {
-            float v[PB];
-#pragma unroll
-            for (int u = 0; u < PB; ++u) {
-                const int b = b0 + 32 * u;
-                v[u] = b < (int)gridDim.x ? __ldcg(a.part + (size_t)i * gridDim.x + b) : 0.f;
-            }
-#pragma unroll
-            for (int u = 0; u < PB; ++u) s += v[u];
-        }
-        s = warp_sum(s);
-        if (lane == 0) rs[i] = 1.f / sqrtf(s / (float)a.rows + a.eps);
-    }
-    __syncthreads();
-    for (int i = 0; i < n; ++i) {
-        for (int c0 = t; c0 < a.rows; c0 += PB * blockDim.x) {
-            float v[PB], g[PB];
-#pragma unroll
-            for (int u = 0; u < PB; ++u) {
-                const int c = c0 + u * blockDim.x;
-                v[u] = c < a.rows ? __ldcg(a.y + (size_t)i * a.ldy + c) : 0.f;
-                g[u] = c < a.rows ? a.norm_next[c] : 0.f;
-            }
-#pragma unroll
-            for (int u = 0; u < PB; ++u) {
-                const int c = c0 + u * blockDim.x;
-                if (c < a.rows) a.xn[(size_t)i * a.rows + c] = v[u] * rs[i] * g[u];
-            }
-        }
-    }
-    if (t == 0) *a.counter = 0;
 }
 
 // A warp per output row at a time (SwiGLU: the gate row and its up row, which share the
@@ -394,7 +410,6 @@ __device__ __forceinline__ void load_unit(const MvArgs& a, int r, int g0, int ng
 
 template <int QT, int NB, int MODE>
 __device__ void matvec(const MvArgs& a) {
-    constexpr int X = Layout<QT>::X;
     constexpr int RW = MODE == MODE_GLU ? 2 : 1;  // weight rows per warp
     constexpr int U = MODE == MODE_GLU ? UG_GLU : UG;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -406,10 +421,9 @@ __device__ void matvec(const MvArgs& a) {
     if (r < a.rows) load_unit<QT, U, RW>(a, r, 0, ng, lane, raw, has);
     pdl_wait();
     const int n = *a.n;
-    __shared__ float sq[WARPS][NB];
-    float ss[NB];  // RESID: this warp's sums of squares of its outputs
-#pragma unroll
-    for (int i = 0; i < NB; ++i) ss[i] = 0.f;
+    extern __shared__ __align__(16) uint8_t xq[];  // NB * ng * XQ_STEP bytes (graph.rs)
+    __shared__ float rs[NB];
+    quantize_x<QT, NB>(a, n, ng, xq, rs);
     float acc[RW][NB];
 #pragma unroll
     for (int h = 0; h < RW; ++h)
@@ -423,28 +437,32 @@ __device__ void matvec(const MvArgs& a) {
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             if (!has[u]) continue;
-            float w[RW][32], sc[RW][2], mn[RW][2];
-            int c0;
+            u32 b[RW][8];
+            float sc[RW][2], mn[RW][2];
 #pragma unroll
-            for (int h = 0; h < RW; ++h) unpack<QT>(raw[u][h], g0 + u, lane, w[h], sc[h], mn[h], c0);
+            for (int h = 0; h < RW; ++h) unpack_q<QT>(raw[u][h], lane, b[h], sc[h], mn[h]);
 #pragma unroll
             for (int i = 0; i < NB; ++i) {
                 if (i < n) {
-                    float xv[32];
-                    load_x<X>(a, i, c0, xv);
-                    float x0 = 0.f, x1 = 0.f;
-                    if (HasMin<QT>::v) {
+                    const uint8_t* base = xq + (size_t)(i * ng + g0 + u) * XQ_STEP;
+                    const float4 xs = *(const float4*)(base + 2048 + lane * 16);  // scale, sum per half
 #pragma unroll
-                        for (int e = 0; e < 16; ++e) x0 += xv[e], x1 += xv[16 + e];
-                    }
+                    for (int hf = 0; hf < 2; ++hf) {
+                        const uint4 p0 = *(const uint4*)(base + ((2 * hf) * 32 + lane) * 16);
+                        const uint4 p1 = *(const uint4*)(base + ((2 * hf + 1) * 32 + lane) * 16);
+                        const u32 xw[8] = {p0.x, p0.y, p0.z, p0.w, p1.x, p1.y, p1.z, p1.w};
+                        const int sx = __float_as_int(hf ? xs.w : xs.y);
 #pragma unroll
-                    for (int h = 0; h < RW; ++h) {
-                        float s0 = 0.f, s1 = 0.f;
+                        for (int h = 0; h < RW; ++h) {
+                            int d = 0;
 #pragma unroll
-                        for (int e = 0; e < 16; ++e) s0 += w[h][e] * xv[e], s1 += w[h][16 + e] * xv[16 + e];
-                        float v = sc[h][0] * s0 + sc[h][1] * s1;
-                        if (HasMin<QT>::v) v += mn[h][0] * x0 + mn[h][1] * x1;
-                        acc[h][i] += v;
+                            for (int e4 = 0; e4 < 4; ++e4)
+                                d = dp2a_hi(xw[2 * e4 + 1], b[h][4 * hf + e4], dp2a_lo(xw[2 * e4], b[h][4 * hf + e4], d));
+                            // the format's offset taken off in integers: exact
+                            float v = sc[h][hf] * (float)(d - Off<QT>::v * sx);
+                            if (HasMin<QT>::v) v += mn[h][hf] * (float)sx;
+                            acc[h][i] += (hf ? xs.z : xs.x) * v;
+                        }
                     }
                 }
             }
@@ -453,12 +471,9 @@ __device__ void matvec(const MvArgs& a) {
 #pragma unroll
             for (int i = 0; i < NB; ++i) {
                 if (i < n) {
-                    const float v = warp_sum(acc[0][i]);
-                    const float v2 = RW > 1 ? warp_sum(acc[RW - 1][i]) : 0.f;
-                    if (lane == i) {
-                        const float out = store_out<MODE>(a, i, r, v, v2);
-                        ss[i] += out * out;
-                    }
+                    const float v = warp_sum(acc[0][i]) * rs[i];
+                    const float v2 = RW > 1 ? warp_sum(acc[RW - 1][i]) * rs[i] : 0.f;
+                    if (lane == i) store_out<MODE>(a, i, r, v, v2);
                 }
 #pragma unroll
                 for (int h = 0; h < RW; ++h) acc[h][i] = 0.f;
@@ -472,20 +487,6 @@ __device__ void matvec(const MvArgs& a) {
 #pragma unroll
             for (int h = 0; h < RW; ++h) raw[u][h] = nxt[u][h];
         }
-    }
-    if constexpr (MODE == MODE_RESID) {
-#pragma unroll
-        for (int i = 0; i < NB; ++i)
-            if (lane == i) sq[warp][i] = ss[i];
-        __syncthreads();
-        const int t = threadIdx.x;
-        if (t < n) {
-            float s = 0.f;
-#pragma unroll
-            for (int w = 0; w < WARPS; ++w) s += sq[w][t];
-            a.part[(size_t)t * gridDim.x + blockIdx.x] = s;
-        }
-        resid_tail(a, n);
     }
 }
 
@@ -938,27 +939,60 @@ __device__ void attention_head(const float* qkv, int ldq, float* out, float* kc,
 // (a counter per (sequence, head)) combines them in chunk order (deterministic). RoPE on
 // the new query and key in every block; the new key/value go to the KV slot from the
 // block of the group's first head that holds the last chunk. Threads: SPLIT_THREADS.
+// The cached keys and values of a chunk (its first ATT_PF / D positions) do not depend on
+// the kernels before (only the new position is written in this step), so in decode steps
+// they are copied to shared memory (`cp.async`) before the wait on the previous kernel:
+// the chunk's loads overlap the QKV product instead of following it.
 #ifndef ATT_CHUNK
 #define ATT_CHUNK 32
 #endif
 #define ATT_SPLITS 16
 #define SPLIT_THREADS 128
+#define ATT_PF 4096  // floats of keys (and as many of values) a block copies ahead
+
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+    const u32 d = (u32)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src) : "memory");
+}
+
 template <int D>
 __device__ void attention_split(const float* qkv, int ldq, float* out, float* kc, float* vc,
                                 int heads, int kv_heads, int cap, const float* inv_freq,
                                 int interleaved, const int* pos_a, const int* slot_a,
                                 const int* n, float scale, int write_kv, float* part,
                                 u32* counter) {
+    // the step's rows, positions and slots come from the host, not from earlier kernels
     const int i = blockIdx.z;
-    if (i >= *n) return;
+    if (i >= *n) {
+        pdl_wait();
+        return;
+    }
     const int h = blockIdx.x, sp = blockIdx.y, group = heads / kv_heads, kvh = h / group;
     const int pos = pos_a[i], slot = slot_a[i], len = pos + 1;
     const int chunk = max(ATT_CHUNK, (len + ATT_SPLITS - 1) / ATT_SPLITS);
     const int S = (len + chunk - 1) / chunk, j0 = sp * chunk, j1 = min(len, j0 + chunk);
-    if (sp >= S) return;
+    if (sp >= S) {
+        pdl_wait();
+        return;
+    }
     const int t = threadIdx.x, lane = t & 31, warp = t >> 5;
     constexpr int NW = SPLIT_THREADS / 32;
-    extern __shared__ float sc[];  // [chunk]
+    constexpr int PF = ATT_PF / D, DP = D + 4;  // padded rows: no bank conflicts
+    extern __shared__ __align__(16) float sc[];  // [chunk, rounded up to 4], then K, V [PF][DP]
+    float* ks = sc + ((chunk + 3) & ~3);
+    float* vs = ks + PF * DP;
+    const size_t base = ((size_t)slot * kv_heads + kvh) * (size_t)cap * D;
+    float* kb = kc + base;
+    float* vb = vc + base;
+    // decode steps: positions before `pos` only (the new one comes from the QKV row)
+    const int np = write_kv ? max(0, min(min(j1, pos) - j0, PF)) : 0;
+    for (int c = t; c < np * (D / 4); c += SPLIT_THREADS) {
+        const int j = c / (D / 4), e = 4 * (c % (D / 4));
+        cp_async16(ks + j * DP + e, kb + (size_t)(j0 + j) * D + e);
+        cp_async16(vs + j * DP + e, vb + (size_t)(j0 + j) * D + e);
+    }
+    asm volatile("cp.async.commit_group;" ::: "memory");
+    pdl_wait();
     __shared__ __align__(16) float qs[D];
     __shared__ __align__(16) float kn[D];
     __shared__ __align__(16) float vn[D];
@@ -977,10 +1011,8 @@ __device__ void attention_split(const float* qkv, int ldq, float* out, float* kc
         if (has_new) rope_pair(row + (heads + kvh) * D, a, b, sn, cs, kn);
     }
     if (has_new && t < D) vn[t] = row[(heads + kv_heads + kvh) * D + t];
+    asm volatile("cp.async.wait_all;" ::: "memory");
     __syncthreads();
-    const size_t base = ((size_t)slot * kv_heads + kvh) * (size_t)cap * D;
-    float* kb = kc + base;
-    float* vb = vc + base;
     if (write_kv && has_new && h % group == 0 && t < D) {
         kb[(size_t)pos * D + t] = kn[t];
         vb[(size_t)pos * D + t] = vn[t];
@@ -988,7 +1020,7 @@ __device__ void attention_split(const float* qkv, int ldq, float* out, float* kc
     // scores, one position per thread
     float mx = -INFINITY;
     for (int j = j0 + t; j < j1; j += SPLIT_THREADS) {
-        const float* kr = j == pos && write_kv ? kn : kb + (size_t)j * D;
+        const float* kr = j == pos && write_kv ? kn : j - j0 < np ? ks + (j - j0) * DP : kb + (size_t)j * D;
         const float d = key_dot<D>(qs, kr) * scale;
         sc[j - j0] = d;
         mx = fmaxf(mx, d);
@@ -1021,9 +1053,8 @@ __device__ void attention_split(const float* qkv, int ldq, float* out, float* kc
 #pragma unroll
         for (int u = 0; u < 8; ++u) {
             const int j = jb + u * PG;
-            v[u] = j < j1 ? (j == pos && write_kv ? *(const float4*)(vn + 4 * dq)
-                                                  : *(const float4*)(vb + (size_t)j * D + 4 * dq))
-                          : make_float4(0.f, 0.f, 0.f, 0.f);
+            const float* vr = j == pos && write_kv ? vn : j - j0 < np ? vs + (j - j0) * DP : vb + (size_t)j * D;
+            v[u] = j < j1 ? *(const float4*)(vr + 4 * dq) : make_float4(0.f, 0.f, 0.f, 0.f);
         }
 #pragma unroll
         for (int u = 0; u < 8; ++u) {
@@ -1275,7 +1306,6 @@ MV_ALL(q6_k, T_Q6_K)
         const float* qkv, int ldq, float* out, float* kc, float* vc, int heads, int kv_heads,  \
         int cap, const float* inv_freq, int interleaved, const int* pos, const int* slot,      \
         const int* n, float scale, int write_kv, float* part, u32* counter) {                   \
-        pdl_wait();                                                                             \
         attention_split<D>(qkv, ldq, out, kc, vc, heads, kv_heads, cap, inv_freq, interleaved, \
                            pos, slot, n, scale, write_kv, part, counter);                       \
     }                                                                                           \

@@ -61,9 +61,23 @@ const SPLIT_THREADS: u32 = 128;
 /// Dynamic shared memory an attention kernel may ask for: Hopper's 227 KiB per block less
 /// the kernels' static arrays (~38 KiB) and a margin.
 const SMEM_MAX: usize = 180 * 1024;
+/// Shared memory of the matrix-vector kernels per sequence and 1024 columns of input: the
+/// input rounded to 16-bit integers with its scales (`XQ_STEP` in decode.cu).
+const XQ_STEP: usize = 2560;
 const MODE_PLAIN: i32 = 0;
 const MODE_RESID: i32 = 1;
 const MODE_GLU: i32 = 2;
+
+/// Floats of keys (and as many of values) that `attention_split` copies to shared memory
+/// ahead (`ATT_PF`).
+const ATT_PF: usize = 4096;
+
+/// Dynamic shared memory of `attention_split`: a chunk's scores, then the keys and values
+/// it copies ahead in rows padded by 4 floats.
+fn split_smem(cap: usize, head_dim: usize) -> usize {
+    let chunk = ATT_CHUNK.max(cap.div_ceil(ATT_SPLITS));
+    4 * chunk.next_multiple_of(4) + 2 * 4 * (ATT_PF / head_dim) * (head_dim + 4)
+}
 
 /// The weights of one layer as the kernels need them.
 pub struct LayerPlan {
@@ -119,6 +133,8 @@ struct MvArgs {
     eps: f32,
     /// `norm_rows_f32`: blocks of the residual product before it (partial sums per row)
     parts: i32,
+    /// `mv_*`: the weights of the RMS norm the kernel applies to `x` first (0: none)
+    norm_in: u64,
 }
 
 /// A quantized matrix on the device: kernel family and geometry.
@@ -280,8 +296,10 @@ pub struct GraphDecoder {
     candle: Arc<CudaStream>,
     _module: Arc<CudaModule>,
     funcs: HashMap<String, CudaFunction>,
-    /// Blocks of each matrix-vector kernel the GPU holds at once: its grid at most.
-    resident: HashMap<String, u32>,
+    /// Multiprocessors: with each kernel's occupancy, the most blocks resident at once.
+    sms: u32,
+    /// Largest matrix-vector bucket (1, 2 or 4) whose inputs fit in shared memory.
+    mv_max: usize,
     layers: Vec<LayerDev>,
     embed: Mat,
     lm_head: Mat,
@@ -294,7 +312,7 @@ pub struct GraphDecoder {
     graphs: HashMap<(usize, bool), CudaGraph>,
     /// `LLORCH_CUDA_GRAPH=eager`: launch the kernels without capturing (debugging).
     eager: bool,
-    /// Largest bucket: [`MAX_BATCH`] where the tensor-core kernels apply, else 4.
+    /// Largest bucket: [`MAX_BATCH`] where the tensor-core kernels apply, else `mv_max`.
     max_batch: usize,
 }
 
@@ -367,6 +385,14 @@ impl GraphDecoder {
                 v: ptr(v, &stream)?,
             });
         }
+        // the matrix-vector kernels read the norms' weights 4 floats at a time
+        let norms = layers.iter().flat_map(|l| [l.attn_norm, l.ffn_norm]);
+        if norms
+            .chain([ptr(&plan.out_norm, &stream)?])
+            .any(|p| p % 16 != 0)
+        {
+            return Err(unsupported("norm weights not 16-byte aligned".into()));
+        }
         if embed.k != h || lm_head.k != h || lm_head.rows != plan.vocab {
             return Err(unsupported("unexpected embedding or output shapes".into()));
         }
@@ -398,6 +424,21 @@ impl GraphDecoder {
                 "CUDA graph decode: batches over 4 take Candle (no tensor-core kernels for this shape)"
             );
         }
+        // the matrix-vector kernels keep their input rows in shared memory, rounded
+        let steps = layers
+            .iter()
+            .flat_map(|l| {
+                let qkv = l.qkv.iter().map(|(m, _, _)| m.k);
+                qkv.chain([l.o.k, l.gate_up.k, l.down.k])
+            })
+            .chain([lm_head.k])
+            .max()
+            .unwrap_or(0)
+            .div_ceil(1024);
+        let mv_smem = |b: usize| b * steps * XQ_STEP;
+        let Some(mv_max) = [4, 2, 1].into_iter().find(|&b| mv_smem(b) <= SMEM_MAX) else {
+            return Err(unsupported(format!("rows of {} columns", steps * 1024)));
+        };
         let mut names = vec![
             format!("attention_head_{}", plan.head_dim),
             format!("attention_split_{}", plan.head_dim),
@@ -411,7 +452,7 @@ impl GraphDecoder {
             names.push(format!("embed_{t}"));
             for b in BUCKETS {
                 let kind = if b >= MM_FROM { "mm" } else { "mv" };
-                if b < MM_FROM || mm_ok {
+                if b <= mv_max || (b >= MM_FROM && mm_ok) {
                     names.extend(["p", "r", "g"].map(|m| format!("{kind}_{t}_{m}{b}")));
                 }
             }
@@ -423,7 +464,7 @@ impl GraphDecoder {
             let f = module.load_function(&name).map_err(drv)?;
             funcs.insert(name, f);
         }
-        let split_smem = 4 * ATT_CHUNK.max(plan.cap.div_ceil(ATT_SPLITS));
+        let split_smem = split_smem(plan.cap, plan.head_dim);
         for (kernel, bytes) in [
             ("head", 4 * plan.cap),
             ("group", 4 * group * plan.cap),
@@ -437,16 +478,21 @@ impl GraphDecoder {
                 .map_err(drv)?;
             }
         }
+        for b in BUCKETS.into_iter().filter(|&b| b <= mv_max) {
+            for (_, f) in funcs
+                .iter()
+                .filter(|(n, _)| n.starts_with("mv_") && n.ends_with(&b.to_string()))
+            {
+                f.set_attribute(
+                    sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    mv_smem(b) as i32,
+                )
+                .map_err(drv)?;
+            }
+        }
         let sms = ctx
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(drv)? as u32;
-        let mut resident = HashMap::new();
-        for (name, f) in funcs.iter().filter(|(n, _)| n.starts_with("mv_")) {
-            let per_sm = f
-                .occupancy_max_active_blocks_per_multiprocessor((WARPS * 32) as u32, 0, None)
-                .map_err(drv)?;
-            resident.insert(name.clone(), per_sm.max(1) * sms);
-        }
         let nb = MAX_BATCH;
         let half = plan.head_dim / 2;
         let inv: Vec<f32> = (0..half)
@@ -493,7 +539,8 @@ impl GraphDecoder {
             candle,
             _module: module,
             funcs,
-            resident,
+            sms,
+            mv_max,
             layers,
             embed,
             lm_head,
@@ -502,7 +549,7 @@ impl GraphDecoder {
             at,
             graphs: HashMap::new(),
             eager,
-            max_batch: if mm_ok { MAX_BATCH } else { 4 },
+            max_batch: if mm_ok { MAX_BATCH } else { mv_max },
         })
     }
 
@@ -707,13 +754,18 @@ impl GraphDecoder {
             a.rows = out_rows as i32;
         }
         let mut blocks = (a.rows as usize).div_ceil(rows_per_block) as u32;
-        if let Some(&most) = self.resident.get(&name) {
-            blocks = blocks.min(most);
+        let mut smem = 0;
+        if kind == "mv" {
+            smem = (nb * m.k.div_ceil(1024) * XQ_STEP) as u32;
+            let per_sm = f
+                .occupancy_max_active_blocks_per_multiprocessor(threads as u32, smem as usize, None)
+                .map_err(drv)?;
+            blocks = blocks.min(per_sm.max(1) * self.sms);
         }
         let cfg = LaunchConfig {
             grid_dim: (blocks, 1, 1),
             block_dim: (threads as u32, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: smem,
         };
         // SAFETY: the kernel takes one `MvArgs`; every pointer in it addresses a live buffer
         // of the sizes the kernel reads (checked shapes in `new`; `part` holds a sum per
@@ -800,7 +852,7 @@ impl GraphDecoder {
                 &self.funcs[&format!("attention_split_{}", p.head_dim)],
                 (p.heads as u32, ATT_SPLITS as u32, nb as u32),
                 SPLIT_THREADS,
-                4 * ATT_CHUNK.max(p.cap.div_ceil(ATT_SPLITS)),
+                split_smem(p.cap, p.head_dim),
             )
         } else {
             let f = &self.funcs[&format!("attention_group_{}", p.head_dim)];
@@ -808,19 +860,32 @@ impl GraphDecoder {
             (f, (p.kv_heads as u32, nb as u32, 1), 256, 4 * group * p.cap)
         };
         let write_kv = (!prefill) as i32;
+        // up to 4 sequences the products that read the residual stream norm it themselves
+        // (`norm_in`); the tensor-core ones read the normed copy `xn` that the residual
+        // products before them write (`norm_next`)
+        let mv = nb < MM_FROM;
+        let normed = |norm: u64| {
+            if mv {
+                (x, norm)
+            } else {
+                (xn, 0)
+            }
+        };
         for (li, l) in self.layers.iter().enumerate() {
             // the norm that reads the residual stream after this layer
             let next_norm = match self.layers.get(li + 1) {
                 Some(nl) => nl.attn_norm,
                 None => self.out_norm,
             };
+            let (qkv_x, qkv_norm) = normed(l.attn_norm);
             for (m, bias, off) in &l.qkv {
                 self.mv(
                     "gpu_qkv",
                     nb,
                     m,
                     MvArgs {
-                        x: xn,
+                        x: qkv_x,
+                        norm_in: qkv_norm,
                         bias: *bias,
                         y: qkv + 4 * *off as u64,
                         ldy: qkv_w,
@@ -854,7 +919,7 @@ impl GraphDecoder {
                 ldy: hidden,
                 mode: MODE_RESID,
                 part,
-                norm_next,
+                norm_next: if mv { 0 } else { norm_next },
                 xn,
                 counter,
                 ..base
@@ -868,12 +933,14 @@ impl GraphDecoder {
                     ..resid(l.ffn_norm)
                 },
             )?;
+            let (ffn_x, ffn_norm) = normed(l.ffn_norm);
             self.mv(
                 "gpu_gate_up_swiglu",
                 nb,
                 &l.gate_up,
                 MvArgs {
-                    x: xn,
+                    x: ffn_x,
+                    norm_in: ffn_norm,
                     y: act,
                     ldy: p.intermediate as i32,
                     mode: MODE_GLU,
@@ -890,12 +957,14 @@ impl GraphDecoder {
                 },
             )?;
         }
+        let (head_x, head_norm) = normed(self.out_norm);
         self.mv(
             "gpu_lm_head",
             nb,
             &self.lm_head,
             MvArgs {
-                x: xn,
+                x: head_x,
+                norm_in: head_norm,
                 y: a.logits,
                 ldy: p.vocab as i32,
                 mode: MODE_PLAIN,
@@ -962,7 +1031,10 @@ impl GraphDecoder {
             params[2 * MAX_BATCH + i] = slot as i32;
         }
         params[3 * MAX_BATCH] = n as i32;
-        let nb = *BUCKETS.iter().find(|&&b| b >= n).unwrap_or(&MAX_BATCH);
+        let nb = *BUCKETS
+            .iter()
+            .find(|&&b| b >= n && (b <= self.mv_max || b >= MM_FROM))
+            .unwrap_or(&MAX_BATCH);
         self.stream.join(&self.candle).map_err(drv)?;
         self.stream
             .memcpy_htod(&params, &mut self.buf.params)

@@ -16,7 +16,8 @@ The first variant is the reference. Kernel names: `mv_<type>_<p|r|g><batch>` (mo
 template parameter) or, for older files, `mv_<type>_<batch>`. Pseudo-flags after the
 file: `mm` (tensor-core kernels from batch 8), `pdl` (programmatic dependent launch) and
 `persist` (matrix-vector grids capped at what the GPU holds at once): graph.rs uses all
-three. `--once` launches one step per variant without graphs, for a profiler (ncu).
+three; `half` caps them at half of that (tried: slower). Variants must take the current
+`MvArgs`; files with `XQ_STEP` / `ATT_PF` get the shared memory those ask for. `--once` launches one step per variant without graphs, for a profiler (ncu).
 """
 import argparse
 import ctypes
@@ -58,7 +59,7 @@ def rand_blocks(qt, rows, k, rng):
 
 class Mv(ctypes.Structure):
     _fields_ = [(f, ctypes.c_uint64) for f in
-                ["w", "x", "norm_next", "xn", "bias", "y", "part", "counter", "n", "row_bytes"]] + \
+                ["w", "x", "norm_next", "xn", "bias", "y", "part", "n", "row_bytes"]] + \
                [("rows", ctypes.c_int), ("k", ctypes.c_int), ("ldy", ctypes.c_int),
                 ("mode", ctypes.c_int), ("eps", ctypes.c_float), ("parts", ctypes.c_int), ("norm_in", ctypes.c_uint64)]
 
@@ -160,7 +161,6 @@ class Model:
         f = lambda n: cp.zeros(n, dtype=cp.float32)
         self.x, self.xn, self.qkv, self.att = f(MAXB * H), f(MAXB * H), f(MAXB * QKV), f(MAXB * H)
         self.act, self.logits, self.part = f(MAXB * I), f(MAXB * VOCAB), f(MAXB * H * 8)
-        self.counter = cp.zeros(1, dtype=cp.uint32)
         self.att_part = f(MAXB * HEADS * 16 * (HD + 2))
         self.att_counter = cp.zeros(MAXB * HEADS, dtype=cp.uint32)
         p = np.zeros(3 * MAXB + 1, dtype=np.int32)
@@ -202,7 +202,7 @@ def mv_args(v, m, qt, mode, nb, wbuf, row_bytes, rows, k, x, y, ldy, norm_next=N
         norm_in = None
     a = Mv(w=wbuf.data.ptr, x=x.data.ptr, y=y.data.ptr, n=m.params.data.ptr + 4 * 3 * MAXB,
            row_bytes=row_bytes, rows=rows, k=k, ldy=ldy, mode=mode, eps=EPS,
-           part=m.part.data.ptr, counter=m.counter.data.ptr,
+           part=m.part.data.ptr,
            norm_next=norm_next.data.ptr if norm_next is not None else 0, xn=m.xn.data.ptr,
            norm_in=norm_in.data.ptr if norm_in is not None else 0)
     grid = (rows + rpb - 1) // rpb

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Where a CUDA-graph decode step's time goes, on the GPU machine: the real binary's step
 # profiled kernel by kernel with Nsight Compute (one decode step of the synthetic TinyLlama
-# Q4_K_M, 512 positions in), then bench/gpu/kernels.py on decode.cu: the f32 kernels
-# (batches of 8 too), the tensor-core ones with split bf16 products (the default) and
+# Q4_K_M, 512 positions in), then bench/gpu/kernels.py on decode.cu: the matrix-vector
+# kernels (batches of 8 too), the tensor-core ones with split bf16 products (the default) and
 # with plain bf16, for batches of 1, 8, 16 and 32 (extra variants as NAME=FILE.cu[:FLAGS]
 # arguments). Carry the binary as in run.sh (only `llorch` is needed).
 # Writes $OUT/ncu.csv, $OUT/kernels.json, $OUT/kernels-simple.json and $OUT/kernels-log.txt.
@@ -46,8 +46,8 @@ print(f"sum of kernel times per step: {tot/1e3:.1f} us over {sum(a[0] for a in a
 PY
 echo "=== kernel variants, $(date +%T)"
 D=crates/llorch-engine/src/model/decode.cu
-python3 bench/gpu/kernels.py --out "$OUT" --types q4_k,q6_k f32=$D:"pdl persist" bf16x3=$D:"mm pdl persist" bf16=$D:"-DMM_SPLIT=0 mm pdl persist" "$@" | grep -v '^{'
+python3 bench/gpu/kernels.py --out "$OUT" --types q4_k,q6_k mv=$D:"pdl persist" bf16x3=$D:"mm pdl persist" bf16=$D:"-DMM_SPLIT=0 mm pdl persist" "$@" | grep -v '^{'
 echo "=== the other weight types: whole steps only, $(date +%T)"
 python3 bench/gpu/kernels.py --out "$OUT" --json kernels-simple.json --no-kernels --types q8_0,q4_0,q4_1,q5_0 \
-  f32=$D:"pdl persist" bf16x3=$D:"mm pdl persist" | grep -v '^{'
+  mv=$D:"pdl persist" bf16x3=$D:"mm pdl persist" | grep -v '^{'
 

@@ -9,12 +9,14 @@
 // Layout: activations are f32, rows of `NB` sequences (the graph's batch bucket; rows at
 // and above the step's real batch size `*n` are skipped). Weights stay in their GGUF
 // blocks and every weight byte is read once per step for all sequences: up to 4 sequences
-// a warp per output row multiplies f32 inputs by the weights' integers and applies the
-// block scales once per 16 (`matvec`, the exact product to f32 rounding); from 8 on the
-// tensor cores do, on split bf16 values (`matmul`). Attention for up to 4 sequences is
-// split over chunks of positions (`attention_split`), from 8 a block per KV head.
-// The RMS norms are fused: kernels that write the residual stream also write its normed
-// copy `xn` for the next kernel (`resid_tail`; after `matmul`, the `norm_rows` kernel).
+// a warp per output row multiplies the weights' integers by the inputs rounded to 16-bit
+// integers per 16 columns (`dp2a`) and applies the block scales once per 16 (`matvec`:
+// relative error ~1e-5, far under the CPU's 8-bit activations); from 8 on the tensor
+// cores do, on split bf16 values (`matmul`). Attention for up to 4 sequences is split over
+// chunks of positions (`attention_split`), from 8 a block per KV head.
+// The RMS norms are fused: up to 4 sequences the products that read the residual stream
+// norm it themselves (`quantize_x`); from 8 the residual products' blocks write partial
+// sums of squares and the `norm_rows` kernel the normed copy `xn`.
 // The kernels are launched with programmatic dependent launch (`pdl_wait`).
 
 #include <cuda_bf16.h>
@@ -27,7 +29,7 @@ typedef unsigned int u32;
 #define WARPS 8  // warps per block in the matrix-vector kernels
 #endif
 #define MODE_PLAIN 0       // y = W x (+ bias)
-#define MODE_RESID 1       // y += W x, then the normed copy of y into xn
+#define MODE_RESID 1       // y += W x (`matmul`: and partial sums of squares for `norm_rows`)
 #define MODE_GLU 2         // y = silu(W_gate x) * (W_up x); W is [gate; up], rows = |gate|
 
 // GGML type ids
@@ -42,12 +44,11 @@ typedef unsigned int u32;
 struct MvArgs {
     const uint8_t* w;         // weight blocks, row-major
     const float* x;           // input rows [NB, k], already RMS-normed where a norm precedes
-    const float* norm_next;   // MODE_RESID: weight of the RMS norm that reads the output
-    float* xn;                // MODE_RESID: the output rows normed by it [NB, rows]
+    const float* norm_next;   // norm_rows: weight of the RMS norm that reads the output
+    float* xn;                // norm_rows: the output rows normed by it [NB, rows]
     const float* bias;        // [rows] or null
     float* y;                 // output rows [NB, ldy]
-    float* part;              // MODE_RESID: per-block partial sums of squares [NB, gridDim.x]
-    u32* counter;             // MODE_RESID: blocks done (the last one finishes the norm)
+    float* part;              // matmul MODE_RESID: per-block partial sums of squares [NB, gridDim.x]
     const int* n;             // rows in this step
     unsigned long long row_bytes;
     int rows;
@@ -135,10 +136,18 @@ __device__ __forceinline__ void raw_load(const uint8_t* row, int g, int lane, Ra
         const int sb = 4 * g + (lane >> 3), part = lane & 7;
         const uint8_t* b = row + (size_t)sb * 210;
         const int nh = part >> 2, q = part & 3, lb = 16 * (q & 1), sel = q >> 1;
-        const uint8_t* ql = b + 64 * nh + 32 * sel + lb;
-        const uint8_t* qh = b + 128 + 32 * nh + lb;
+        // 210-byte blocks: the lane's 16-byte runs are 2-byte aligned in odd blocks, so it
+        // loads the 20 aligned bytes around each run and shifts (5 loads, not 8)
+        const int mis = (int)((uintptr_t)b & 3);  // 0 or 2
+        const u32* ql = (const u32*)(b - mis + 64 * nh + 32 * sel + lb);
+        const u32* qh = (const u32*)(b - mis + 128 + 32 * nh + lb);
+        u32 wl[5], wh[5];
 #pragma unroll
-        for (int e4 = 0; e4 < 4; ++e4) r.q[e4] = ld16x2(ql + 4 * e4), r.q[4 + e4] = ld16x2(qh + 4 * e4);
+        for (int e = 0; e < 5; ++e) wl[e] = ql[e], wh[e] = qh[e];
+        const u32 perm = mis ? 0x5432 : 0x3210;
+#pragma unroll
+        for (int e4 = 0; e4 < 4; ++e4)
+            r.q[e4] = __byte_perm(wl[e4], wl[e4 + 1], perm), r.q[4 + e4] = __byte_perm(wh[e4], wh[e4 + 1], perm);
         const uint8_t* sc = b + 192 + 8 * nh;
         r.h[0] = *(const uint16_t*)(b + 208);
         r.h[1] = sc[(q & 1) + 2 * sel];
@@ -203,13 +212,15 @@ __device__ __forceinline__ u32 spread4(u32 b) { return ((b * 0x00204081u) & 0x01
 template <int QT>
 __device__ __forceinline__ void unpack_q(const Raw& r, int lane, u32* b, float* sc, float* mn) {
     if (QT == T_Q4_K) {
-        const int j = (lane & 7) >> 1;
+        // the 6-bit scales and mins of sub-blocks 2j, 2j+1 (j = part / 2) as byte pairs,
+        // without the branches of `q4k_scale` (its two cases split every warp)
+        const int j = (lane & 7) >> 1, sh = 16 * (j & 1);
+        const u32 w0 = (r.q[4] >> sh) & 0xFFFF, w1 = (r.q[5] >> sh) & 0xFFFF, w2 = (r.q[6] >> sh) & 0xFFFF;
+        const u32 sp = j < 2 ? w0 & 0x3F3F : (w2 & 0x0F0F) | ((w0 >> 2) & 0x3030);
+        const u32 mp = j < 2 ? w1 & 0x3F3F : ((w2 >> 4) & 0x0F0F) | ((w1 >> 2) & 0x3030);
         const float2 dm = __half22float2(*(const __half2*)&r.h[0]);
-        const u32 scb[3] = {r.q[4], r.q[5], r.q[6]};
-        float s0, m0, s1, m1;
-        q4k_scale(scb, 2 * j, s0, m0);
-        q4k_scale(scb, 2 * j + 1, s1, m1);
-        sc[0] = dm.x * s0, mn[0] = -(dm.y * m0), sc[1] = dm.x * s1, mn[1] = -(dm.y * m1);
+        sc[0] = dm.x * u2f(sp & 0xFF), sc[1] = dm.x * u2f(sp >> 8);
+        mn[0] = -(dm.y * u2f(mp & 0xFF)), mn[1] = -(dm.y * u2f(mp >> 8));
 #pragma unroll
         for (int e4 = 0; e4 < 4; ++e4) b[e4] = r.q[e4] & 0x0F0F0F0Fu, b[4 + e4] = (r.q[e4] >> 4) & 0x0F0F0F0Fu;
     } else if (QT == T_Q6_K) {
@@ -418,9 +429,11 @@ __device__ void matvec(const MvArgs& a) {
     int r = blockIdx.x * WARPS + warp, g0 = 0;
     Raw raw[U][RW], nxt[U][RW];
     bool has[U], nhas[U];
+    // the row count comes from the host's upload, not from an earlier kernel: read before
+    // the wait, it costs no round trip after it
+    const int n = *a.n;
     if (r < a.rows) load_unit<QT, U, RW>(a, r, 0, ng, lane, raw, has);
     pdl_wait();
-    const int n = *a.n;
     extern __shared__ __align__(16) uint8_t xq[];  // NB * ng * XQ_STEP bytes (graph.rs)
     __shared__ float rs[NB];
     quantize_x<QT, NB>(a, n, ng, xq, rs);

@@ -11,12 +11,15 @@
 //! A row is one new token: a decoding sequence's, or one of a prompt's (several rows of a
 //! sequence at consecutive positions; then the keys and values of all rows are written
 //! before attention, in a variant of the graph with a `kv_write` kernel).
-//! Up to 4 rows the matrix products are warp-per-row dot products of f32 inputs and the
-//! weights' integers, scaled per 16 (the exact product to f32 rounding), on grids no larger
-//! than the GPU holds at once, and attention is split over chunks of positions; from 8 on they run on the tensor cores (bf16 inputs, f32 sums; every weight read once
-//! for all rows) and attention takes a block per KV head (its cache read once for the
-//! heads that share it). [`GraphDecoder::attention_rows`] lends the attention kernels to
-//! Candle's path for prompt chunks of several sequences.
+//! Up to 4 rows the matrix products are warp-per-row integer dot products (`dp2a`) of the
+//! weights' integers and the inputs rounded to 16 bits per 16 columns in shared memory,
+//! scaled per 16 (relative error ~1e-5), on grids no larger than the GPU holds at once; they
+//! apply the RMS norm before them themselves, and attention is split over chunks of
+//! positions whose cached keys and values are copied ahead; from 8 on the products run on
+//! the tensor cores (bf16 inputs, f32 sums; every weight read once for all rows) and
+//! attention takes a block per KV head (its cache read once for the heads that share it).
+//! [`GraphDecoder::attention_rows`] lends the attention kernels to Candle's path for prompt
+//! chunks of several sequences.
 //!
 //! Applies to llama-family models whose KV caches live in the model's pool, with f32
 //! activations and GGUF weights of the types the kernels read (Q4_0, Q4_1, Q5_0, Q8_0,
@@ -58,8 +61,8 @@ const ATT_GMAX: usize = 8;
 const ATT_SPLITS: usize = 16;
 const ATT_CHUNK: usize = 32;
 const SPLIT_THREADS: u32 = 128;
-/// Dynamic shared memory an attention kernel may ask for: Hopper's 227 KiB per block less
-/// the kernels' static arrays (~38 KiB) and a margin.
+/// Dynamic shared memory a kernel may ask for: Hopper's 227 KiB per block less the kernels'
+/// static arrays (~38 KiB) and a margin.
 const SMEM_MAX: usize = 180 * 1024;
 /// Shared memory of the matrix-vector kernels per sequence and 1024 columns of input: the
 /// input rounded to 16-bit integers with its scales (`XQ_STEP` in decode.cu).
@@ -123,7 +126,6 @@ struct MvArgs {
     bias: u64,
     y: u64,
     part: u64,
-    counter: u64,
     n: u64,
     row_bytes: u64,
     rows: i32,
@@ -260,7 +262,6 @@ struct Buffers {
     act: CudaSlice<f32>,
     logits: CudaSlice<f32>,
     part: CudaSlice<f32>,
-    counter: CudaSlice<u32>,
     /// `attention_split`'s per-chunk results and a counter per (row, head)
     att_part: CudaSlice<f32>,
     att_counter: CudaSlice<u32>,
@@ -280,7 +281,6 @@ struct Addrs {
     act: u64,
     logits: u64,
     part: u64,
-    counter: u64,
     att_part: u64,
     att_counter: u64,
     params: u64,
@@ -509,7 +509,6 @@ impl GraphDecoder {
             act: z(nb * plan.intermediate)?,
             logits: z(nb * plan.vocab)?,
             part: z(nb * h)?,
-            counter: stream.alloc_zeros::<u32>(1).map_err(drv)?,
             att_part: z(nb * plan.heads * ATT_SPLITS * (plan.head_dim + 2))?,
             att_counter: stream.alloc_zeros::<u32>(nb * plan.heads).map_err(drv)?,
             params: stream.alloc_zeros::<i32>(3 * nb + 1).map_err(drv)?,
@@ -524,7 +523,6 @@ impl GraphDecoder {
             act: dptr(&buf.act, &stream),
             logits: dptr(&buf.logits, &stream),
             part: dptr(&buf.part, &stream),
-            counter: dptr(&buf.counter, &stream),
             att_part: dptr(&buf.att_part, &stream),
             att_counter: dptr(&buf.att_counter, &stream),
             params: dptr(&buf.params, &stream),
@@ -811,7 +809,7 @@ impl GraphDecoder {
             params + 12 * MAX_BATCH as u64,
         );
         let (x, qkv, att, act) = (a.x, a.qkv, a.att, a.act);
-        let (xn, part, counter) = (a.xn, a.part, a.counter);
+        let (xn, part) = (a.xn, a.part);
         let qkv_w = ((p.heads + 2 * p.kv_heads) * p.head_dim) as i32;
 
         let t = crate::profile::start();
@@ -919,9 +917,8 @@ impl GraphDecoder {
                 ldy: hidden,
                 mode: MODE_RESID,
                 part,
-                norm_next: if mv { 0 } else { norm_next },
+                norm_next,
                 xn,
-                counter,
                 ..base
             };
             self.mv(

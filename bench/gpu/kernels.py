@@ -14,7 +14,7 @@ buffer per layer so L2 does not hold them), and reports
 
 The first variant is the reference. Kernel names: `mv_<type>_<p|r|g><batch>` (mode as a
 template parameter) or, for older files, `mv_<type>_<batch>`. Pseudo-flags after the
-file: `mm` (tensor-core kernels from batch 8), `pdl` (programmatic dependent launch) and
+file: `mm` (tensor-core kernels from batch 16, or 8 in files that have them), `pdl` (programmatic dependent launch) and
 `persist` (matrix-vector grids capped at what the GPU holds at once): graph.rs uses all
 three; `half` caps them at half of that (tried: slower). Variants must take the current
 `MvArgs`; files with `XQ_STEP` / `ATT_PF` get the shared memory those ask for. `--once` launches one step per variant without graphs, for a profiler (ncu).
@@ -85,6 +85,7 @@ class Variant:
         self.mod = cp.cuda.function.Module()
         self.mod.load_file(cubin)
         self.new = self._has("mv_q4_k_p1")
+        self.mm_from = 8 if self._has("mm_q4_k_p8") else 16
         # this round's kernels: a warp per SwiGLU row pair, attention split over positions
         self.split = self._has(f"attention_split_{HD}")
         # matrix-vector kernels that round their inputs into shared memory (bytes per
@@ -107,7 +108,7 @@ class Variant:
     def mv(self, qt, mode, nb):
         """(function, rows of output per block, threads per block)"""
         m = "prg"[mode]
-        if self.mm and nb >= 8:
+        if self.mm and nb >= self.mm_from:
             return self.mod.get_function(f"mm_{qt}_{m}{nb}"), 16, 256
         if self.split:
             return self.mod.get_function(f"mv_{qt}_{m}{nb}"), self.warps, self.warps * 32
@@ -194,7 +195,7 @@ def mv_args(v, m, qt, mode, nb, wbuf, row_bytes, rows, k, x, y, ldy, norm_next=N
     `xn` for, `norm_in`: the norm the kernel applies to its input itself (`x` then is the
     residual stream; variants whose kernels round their inputs, up to batch 4)."""
     fn, rpb, threads = v.mv(qt, mode, nb)
-    if v.xq_step and not (v.mm and nb >= 8):
+    if v.xq_step and not (v.mm and nb >= v.mm_from):
         if norm_in is not None:
             x = m.x
         norm_next = None
@@ -207,7 +208,7 @@ def mv_args(v, m, qt, mode, nb, wbuf, row_bytes, rows, k, x, y, ldy, norm_next=N
            norm_in=norm_in.data.ptr if norm_in is not None else 0)
     grid = (rows + rpb - 1) // rpb
     smem = 0
-    if not (v.mm and nb >= 8):
+    if not (v.mm and nb >= v.mm_from):
         smem = nb * ((k + 1023) // 1024) * v.xq_step
         if smem > 48 * 1024:  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
             check(cuda.cuFuncSetAttribute(ctypes.c_void_p(fn.ptr), 8, smem), "cuFuncSetAttribute")
@@ -219,7 +220,7 @@ def mv_args(v, m, qt, mode, nb, wbuf, row_bytes, rows, k, x, y, ldy, norm_next=N
 def norm_after(v, nb, out):
     """The tensor-core residual kernels leave the normed copy to `norm_rows_f32` (if the
     variant has it): a block per (sequence, 256 columns)."""
-    if not (v.mm and nb >= 8 and v._has("norm_rows_f32")):
+    if not (v.mm and nb >= v.mm_from and v._has("norm_rows_f32")):
         return
     label, _fn, grid, _b, _s, args = out[-1]
     a = Mv.from_buffer_copy(args[0])
@@ -240,7 +241,7 @@ def step_launches(v, m, nb, only=None):
     att_extra = []
     if not v.new:
         att, geo = v.mod.get_function(f"attention_{HD}"), ((HEADS, nb, 1), (1024, 1, 1), 4 * CAP)
-    elif nb <= 4 and v.split:  # a block per (query head, chunk of positions)
+    elif nb < v.mm_from and v.split:  # a block per (query head, chunk of positions)
         smem = 4 * CAP + 2 * (v.att_pf // HD) * (HD + 4) * 4
         att, geo = v.mod.get_function(f"attention_split_{HD}"), ((HEADS, 16, nb), (128, 1, 1), smem)
         check(cuda.cuFuncSetAttribute(ctypes.c_void_p(att.ptr), 8, smem), "cuFuncSetAttribute")

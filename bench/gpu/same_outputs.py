@@ -29,7 +29,8 @@ def complete(prompt):
 
 alone = {p: complete(p) for p in PROMPTS}
 N = int(sys.argv[2]) if len(sys.argv) > 2 else 12  # 12: the 16-sequence bucket
-batch = PROMPTS + [PROMPTS[0]] * (N - len(PROMPTS))
+# fewer than the prompts: the first N (6: the 8-sequence bucket)
+batch = PROMPTS[:N] if N < len(PROMPTS) else PROMPTS + [PROMPTS[0]] * (N - len(PROMPTS))
 out = [None] * len(batch)
 
 

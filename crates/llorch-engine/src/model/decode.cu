@@ -8,14 +8,14 @@
 //
 // Layout: activations are f32, rows of `NB` sequences (the graph's batch bucket; rows at
 // and above the step's real batch size `*n` are skipped). Weights stay in their GGUF
-// blocks and every weight byte is read once per step for all sequences: up to 4 sequences
+// blocks and every weight byte is read once per step for all sequences: up to 8 sequences
 // a warp per output row multiplies the weights' integers by the inputs rounded to 16-bit
 // integers per 16 columns (`dp2a`) and applies the block scales once per 16 (`matvec`:
-// relative error ~1e-5, far under the CPU's 8-bit activations); from 8 on the tensor
-// cores do, on split bf16 values (`matmul`). Attention for up to 4 sequences is split over
-// chunks of positions (`attention_split`), from 8 a block per KV head.
-// The RMS norms are fused: up to 4 sequences the products that read the residual stream
-// norm it themselves (`quantize_x`); from 8 the residual products' blocks write partial
+// relative error ~1e-5, far under the CPU's 8-bit activations); from 16 on the tensor
+// cores do, on split bf16 values (`matmul`). Attention for up to 8 sequences is split over
+// chunks of positions (`attention_split`), from 16 a block per KV head.
+// The RMS norms are fused: up to 8 sequences the products that read the residual stream
+// norm it themselves (`quantize_x`); from 16 the residual products' blocks write partial
 // sums of squares and the `norm_rows` kernel the normed copy `xn`.
 // The kernels are launched with programmatic dependent launch (`pdl_wait`).
 
@@ -1277,7 +1277,6 @@ __device__ void attention_group(const float* qkv, int ldq, float* out, float* kc
     MM(mm_##TAG##_r##NB, QT, NB, MODE_RESID)    \
     MM(mm_##TAG##_g##NB, QT, NB, MODE_GLU)
 #define MV_ALL(TAG, QT)           \
-    MM_MODES(TAG, QT, 8)          \
     MM_MODES(TAG, QT, 16)         \
     MM_MODES(TAG, QT, 32)         \
     MV_MODES(TAG, QT, 1)          \

@@ -11,11 +11,11 @@
 //! A row is one new token: a decoding sequence's, or one of a prompt's (several rows of a
 //! sequence at consecutive positions; then the keys and values of all rows are written
 //! before attention, in a variant of the graph with a `kv_write` kernel).
-//! Up to 4 rows the matrix products are warp-per-row integer dot products (`dp2a`) of the
+//! Up to 8 rows the matrix products are warp-per-row integer dot products (`dp2a`) of the
 //! weights' integers and the inputs rounded to 16 bits per 16 columns in shared memory,
 //! scaled per 16 (relative error ~1e-5), on grids no larger than the GPU holds at once; they
 //! apply the RMS norm before them themselves, and attention is split over chunks of
-//! positions whose cached keys and values are copied ahead; from 8 on the products run on
+//! positions whose cached keys and values are copied ahead; from 16 on the products run on
 //! the tensor cores (bf16 inputs, f32 sums; every weight read once for all rows) and
 //! attention takes a block per KV head (its cache read once for the heads that share it).
 //! [`GraphDecoder::attention_rows`] lends the attention kernels to Candle's path for prompt
@@ -48,7 +48,7 @@ static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/decode.fatbin")
 pub const MAX_BATCH: usize = 32;
 const BUCKETS: [usize; 6] = [1, 2, 4, 8, 16, 32];
 /// Buckets from this size on use the tensor-core kernels (`mm_*`, `attention_group_*`).
-const MM_FROM: usize = 8;
+const MM_FROM: usize = 16;
 /// Warps (output rows at a time) per block of the matrix-vector kernels (`WARPS` in
 /// decode.cu), warps and output rows per block of the tensor-core ones (`MM_WARPS`,
 /// `MM_ROWS`), query heads per KV head that `attention_group` holds (`ATT_GMAX`), the
@@ -298,7 +298,7 @@ pub struct GraphDecoder {
     funcs: HashMap<String, CudaFunction>,
     /// Multiprocessors: with each kernel's occupancy, the most blocks resident at once.
     sms: u32,
-    /// Largest matrix-vector bucket (1, 2 or 4) whose inputs fit in shared memory.
+    /// Largest matrix-vector bucket (1, 2, 4 or 8) whose inputs fit in shared memory.
     mv_max: usize,
     layers: Vec<LayerDev>,
     embed: Mat,
@@ -421,7 +421,7 @@ impl GraphDecoder {
             && lm_head.k.is_multiple_of(64);
         if !mm_ok {
             tracing::info!(
-                "CUDA graph decode: batches over 4 take Candle (no tensor-core kernels for this shape)"
+                "CUDA graph decode: batches over 8 take Candle (no tensor-core kernels for this shape)"
             );
         }
         // the matrix-vector kernels keep their input rows in shared memory, rounded
@@ -436,7 +436,7 @@ impl GraphDecoder {
             .unwrap_or(0)
             .div_ceil(1024);
         let mv_smem = |b: usize| b * steps * XQ_STEP;
-        let Some(mv_max) = [4, 2, 1].into_iter().find(|&b| mv_smem(b) <= SMEM_MAX) else {
+        let Some(mv_max) = [8, 4, 2, 1].into_iter().find(|&b| mv_smem(b) <= SMEM_MAX) else {
             return Err(unsupported(format!("rows of {} columns", steps * 1024)));
         };
         let mut names = vec![
@@ -858,7 +858,7 @@ impl GraphDecoder {
             (f, (p.kv_heads as u32, nb as u32, 1), 256, 4 * group * p.cap)
         };
         let write_kv = (!prefill) as i32;
-        // up to 4 sequences the products that read the residual stream norm it themselves
+        // up to 8 sequences the products that read the residual stream norm it themselves
         // (`norm_in`); the tensor-core ones read the normed copy `xn` that the residual
         // products before them write (`norm_next`)
         let mv = nb < MM_FROM;

@@ -16,7 +16,10 @@ The first variant is the reference. Kernel names: `mv_<type>_<p|r|g><batch>` (mo
 template parameter) or, for older files, `mv_<type>_<batch>`. Pseudo-flags after the
 file: `mm` (tensor-core kernels from batch 16, or 8 in files that have them), `pdl` (programmatic dependent launch) and
 `persist` (matrix-vector grids capped at what the GPU holds at once): graph.rs uses all
-three; `half` caps them at half of that (tried: slower). Variants must take the current
+three; `half` caps them at half of that (tried: slower); `gqa` gives every batch up to 8
+`attention_gqa` (graph.rs: from 3 sequences on); `mega` runs batches of 1-4 as one persistent
+kernel (`bench/gpu/experiments/persistent-step.patch`) and `pair` fuses two products a kernel
+(`experiments/pair-kernels.patch`), both tried and slower. Variants must take the current
 `MvArgs`; files with `XQ_STEP` / `ATT_PF` get the shared memory those ask for. `--once` launches one step per variant without graphs, for a profiler (ncu).
 """
 import argparse
@@ -75,7 +78,14 @@ class Variant:
         self.persist = "persist" in flags
         # `half`: grids capped at half of that, so the next kernel's blocks fit beside them
         self.half = "half" in flags
-        flags = [f for f in flags if f not in ("mm", "pdl", "persist", "half")]
+        # `mega`: batches of 1-4 as one persistent kernel a step (`step_<type>_<nb>_<hd>`)
+        self.mega = "mega" in flags
+        # `gqa`: small batches' attention a block per (KV head, chunk), `attention_gqa_<hd>`
+        self.gqa = "gqa" in flags
+        # `pair`: output projection + gate/up and down + next QKV (or LM head) as one kernel
+        # each, with a grid barrier between (`mv2_<type>_<rg|rp><nb>`)
+        self.pair = "pair" in flags
+        flags = [f for f in flags if f not in ("mm", "pdl", "persist", "half", "mega", "gqa", "pair")]
         cubin = os.path.join(out_dir, f"{name}.cubin")
         cmd = ["nvcc", "--cubin", "-O3", "-arch=sm_90", "-Xptxas", "-v", *flags, "-o", cubin, src]
         r = subprocess.run(cmd, capture_output=True, text=True)
@@ -97,6 +107,9 @@ class Variant:
         self.att_pf = int(m.group(1)) if m else 0
         self.wpr = int(next((f[6:] for f in flags if f.startswith("-DWPR=")), "1"))
         self.warps = int(next((f[8:] for f in flags if f.startswith("-DWARPS=")), "8"))
+        m = re.search(r"^#define GQA_THREADS (\d+)", open(src).read(), re.M)
+        self.gqa_threads = int(next((f[14:] for f in flags if f.startswith("-DGQA_THREADS=")),
+                                    m.group(1) if m else "256"))
 
     def _has(self, fn):
         try:
@@ -118,6 +131,20 @@ class Variant:
         return self.mod.get_function(f"mv_{qt}_{nb}"), 8, 256
 
 
+class LayerW(ctypes.Structure):
+    _fields_ = [(f, ctypes.c_uint64) for f in ["qkv", "qkv_bias", "o", "gate_up", "down", "attn_norm", "ffn_norm",
+                                              "k", "v"]]
+
+
+class StepArgs(ctypes.Structure):
+    _fields_ = [(f, ctypes.c_uint64) for f in ["layers", "lm_head", "out_norm", "x", "qkv", "att", "act", "logits",
+                                              "att_part", "att_counter", "bar", "pos", "slot", "n", "inv_freq",
+                                              "rb_qkv", "rb_o", "rb_gate_up", "rb_down", "rb_lm"]] + \
+               [(f, ctypes.c_int) for f in ["n_layers", "hidden", "heads", "kv_heads", "cap", "inter", "vocab",
+                                            "interleaved"]] + \
+               [("eps", ctypes.c_float), ("scale", ctypes.c_float), ("att_smem_off", ctypes.c_int)]
+
+
 class LaunchAttr(ctypes.Structure):  # CUlaunchAttribute: id, padding, 64-byte value union
     _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_int), ("value", ctypes.c_int * 16)]
 
@@ -128,6 +155,10 @@ class LaunchConfig(ctypes.Structure):  # CUlaunchConfig
 
 
 def launch(fn, grid, block, smem, stream, args, pdl=False):
+    if fn is None:  # a memset: args = [device address, 32-bit words]
+        check(cuda.cuMemsetD32Async(ctypes.c_uint64(args[0]), ctypes.c_uint(0), ctypes.c_size_t(args[1]),
+                                    ctypes.c_void_p(stream.ptr)), "cuMemsetD32Async")
+        return
     arr = (ctypes.c_void_p * len(args))(*[ctypes.cast(ctypes.pointer(h), ctypes.c_void_p) for h in args])
     if not pdl:
         check(cuda.cuLaunchKernel(ctypes.c_void_p(fn.ptr), *grid, *block, smem, ctypes.c_void_p(stream.ptr), arr,
@@ -164,6 +195,7 @@ class Model:
         self.act, self.logits, self.part = f(MAXB * I), f(MAXB * VOCAB), f(MAXB * H * 8)
         self.att_part = f(MAXB * HEADS * 16 * (HD + 2))
         self.att_counter = cp.zeros(MAXB * HEADS, dtype=cp.uint32)
+        self.bar = cp.zeros(64, dtype=cp.uint32)
         p = np.zeros(3 * MAXB + 1, dtype=np.int32)
         p[:MAXB] = rng.integers(0, VOCAB, MAXB)
         p[MAXB:2 * MAXB] = pos + np.arange(MAXB)
@@ -229,9 +261,48 @@ def norm_after(v, nb, out):
                 [a]))
 
 
+def mega_launches(v, m, nb, fn):
+    """A step as one persistent kernel: barrier counter zeroed, embedding, the step."""
+    qt = m.qt
+    lw = (LayerW * L)()
+    for li, lay in enumerate(m.layers):
+        lw[li] = LayerW(qkv=lay["qkv"][0].data.ptr, qkv_bias=0, o=lay["o"][0].data.ptr,
+                        gate_up=lay["gate_up"][0].data.ptr, down=lay["down"][0].data.ptr,
+                        attn_norm=lay["attn_norm"].data.ptr, ffn_norm=lay["ffn_norm"].data.ptr,
+                        k=lay["k"].data.ptr, v=lay["v"].data.ptr)
+    m.lw_dev = cp.asarray(np.frombuffer(bytes(lw), dtype=np.uint8))
+    steps = (I + 1023) // 1024
+    xq = nb * steps * v.xq_step
+    chunk = max(32, (CAP + 15) // 16)
+    att = 4 * (HEADS // KVH) * ((chunk + 3) & ~3) + 2 * 4 * (v.att_pf // HD) * (HD + 4)
+    smem = xq + att
+    check(cuda.cuFuncSetAttribute(ctypes.c_void_p(fn.ptr), 8, smem), "cuFuncSetAttribute")
+    grid = resident_blocks(fn, 256, smem)
+    pa = m.params.data.ptr
+    a = StepArgs(layers=m.lw_dev.data.ptr, lm_head=m.lm_head[0].data.ptr, out_norm=m.out_norm.data.ptr,
+                 x=m.x.data.ptr, qkv=m.qkv.data.ptr, att=m.att.data.ptr, act=m.act.data.ptr,
+                 logits=m.logits.data.ptr, att_part=m.att_part.data.ptr, att_counter=m.att_counter.data.ptr,
+                 bar=m.bar.data.ptr, pos=pa + 4 * MAXB, slot=pa + 8 * MAXB, n=pa + 12 * MAXB,
+                 inv_freq=m.inv_freq.data.ptr, rb_qkv=m.layers[0]["qkv"][1], rb_o=m.layers[0]["o"][1],
+                 rb_gate_up=m.layers[0]["gate_up"][1], rb_down=m.layers[0]["down"][1], rb_lm=m.lm_head[1],
+                 n_layers=L, hidden=H, heads=HEADS, kv_heads=KVH, cap=CAP, inter=I, vocab=VOCAB, interleaved=0,
+                 eps=EPS, scale=HD ** -0.5, att_smem_off=xq)
+    n = ctypes.c_uint64(pa + 4 * 3 * MAXB)
+    tok = ctypes.c_uint64(pa)
+    emb = v.mod.get_function(f"embed_{qt}")
+    return [("memset", None, None, None, None, [m.bar.data.ptr, 64]),
+            ("embed", emb, (nb, 1, 1), (256, 1, 1), 0,
+             [p(m.embed[0]), ctypes.c_uint64(m.embed[1]), ctypes.c_int(H), tok, n, p(m.x), p(m.xn),
+              p(m.layers[0]["attn_norm"]), ctypes.c_float(EPS)]),
+            ("step", fn, (grid, 1, 1), (256, 1, 1), smem, [a])]
+
+
 def step_launches(v, m, nb, only=None):
     """The step's launches as (label, fn, grid, block, smem, args)."""
     qt, out = m.qt, []
+    if v.mega and v._has(f"step_{qt}_{nb}_{HD}"):
+        out = mega_launches(v, m, nb, v.mod.get_function(f"step_{qt}_{nb}_{HD}"))
+        return [o for o in out if only is None or o[0] == only]
     n = ctypes.c_uint64(m.params.data.ptr + 4 * 3 * MAXB)
     tok, pos, slot = (ctypes.c_uint64(m.params.data.ptr + 4 * MAXB * j) for j in range(3))
     emb = v.mod.get_function(f"embed_{qt}")
@@ -241,6 +312,12 @@ def step_launches(v, m, nb, only=None):
     att_extra = []
     if not v.new:
         att, geo = v.mod.get_function(f"attention_{HD}"), ((HEADS, nb, 1), (1024, 1, 1), 4 * CAP)
+    elif nb < v.mm_from and v.gqa:  # a block per (KV head, chunk of positions)
+        chunk = max(32, (CAP + 15) // 16)
+        smem = 4 * (HEADS // KVH) * ((chunk + 3) & ~3) + 2 * (v.att_pf // HD) * (HD + 4) * 4
+        att, geo = v.mod.get_function(f"attention_gqa_{HD}"), ((16, KVH, nb), (v.gqa_threads, 1, 1), smem)
+        check(cuda.cuFuncSetAttribute(ctypes.c_void_p(att.ptr), 8, smem), "cuFuncSetAttribute")
+        att_extra = [p(m.att_part), p(m.att_counter)]
     elif nb < v.mm_from and v.split:  # a block per (query head, chunk of positions)
         smem = 4 * CAP + 2 * (v.att_pf // HD) * (HD + 4) * 4
         att, geo = v.mod.get_function(f"attention_split_{HD}"), ((HEADS, 16, nb), (128, 1, 1), smem)
@@ -251,6 +328,8 @@ def step_launches(v, m, nb, only=None):
     else:  # a block per KV head: its keys and values read once for the group
         att, geo = v.mod.get_function(f"attention_group_{HD}"), ((KVH, nb, 1), (256, 1, 1), 4 * CAP * HEADS // KVH)
         check(cuda.cuFuncSetAttribute(ctypes.c_void_p(att.ptr), 8, geo[2]), "cuFuncSetAttribute")
+    if v.pair and nb < v.mm_from and v._has(f"mv2_{qt}_rg{nb}"):
+        return pair_launches(v, m, nb, out, att, geo, att_extra, pos, slot, n, only)
     for li, lay in enumerate(m.layers):
         nxt = m.layers[li + 1]["attn_norm"] if li + 1 < L else m.out_norm
         out.append(("qkv", *mv_args(v, m, qt, 0, nb, *lay["qkv"], QKV, H, m.xn, m.qkv, QKV,
@@ -271,10 +350,44 @@ def step_launches(v, m, nb, only=None):
     return out
 
 
+def pair_launches(v, m, nb, out, att, geo, att_extra, pos, slot, n, only):
+    """The step with `pair`: the first QKV alone, then per layer attention, [output
+    projection | gate/up], [down | next QKV or LM head]; barrier counters zeroed first."""
+    qt = m.qt
+    out.insert(0, ("memset", None, None, None, None, [m.bar.data.ptr, 64]))
+
+    def qkv_of(li):
+        return mv_args(v, m, qt, 0, nb, *m.layers[li]["qkv"], QKV, H, m.xn, m.qkv, QKV,
+                       norm_in=m.layers[li]["attn_norm"])
+
+    def fused(label, mode, first, second, slot_i):
+        fn = v.mod.get_function(f"mv2_{qt}_{mode}{nb}")
+        smem = max(first[3], second[3])
+        check(cuda.cuFuncSetAttribute(ctypes.c_void_p(fn.ptr), 8, max(smem, 1)), "cuFuncSetAttribute")
+        grid = resident_blocks(fn, 256, smem)
+        return (label, fn, (grid, 1, 1), (256, 1, 1), smem,
+                [first[4][0], second[4][0], ctypes.c_uint64(m.bar.data.ptr + 4 * slot_i)])
+
+    out.append(("qkv", *qkv_of(0)))
+    for li, lay in enumerate(m.layers):
+        out.append(("attention", att, *geo,
+                    [p(m.qkv), ctypes.c_int(QKV), p(m.att), p(lay["k"]), p(lay["v"]), ctypes.c_int(HEADS),
+                     ctypes.c_int(KVH), ctypes.c_int(CAP), p(m.inv_freq), ctypes.c_int(0), pos, slot, n,
+                     ctypes.c_float(HD ** -0.5), ctypes.c_int(1)] + att_extra))
+        o = mv_args(v, m, qt, 1, nb, *lay["o"], H, HEADS * HD, m.att, m.x, H, lay["ffn_norm"])
+        gu = mv_args(v, m, qt, 2, nb, *lay["gate_up"], I, H, m.xn, m.act, I, norm_in=lay["ffn_norm"])
+        out.append(fused("o", "rg", o, gu, 2 * li))
+        dn = mv_args(v, m, qt, 1, nb, *lay["down"], H, I, m.act, m.x, H, None)
+        nxt = qkv_of(li + 1) if li + 1 < L else mv_args(v, m, qt, 0, nb, *m.lm_head, VOCAB, H, m.xn, m.logits,
+                                                          VOCAB, norm_in=m.out_norm)
+        out.append(fused("down", "rp", dn, nxt, 2 * li + 1))
+    return [o for o in out if only is None or o[0] == only]
+
+
 def capture(stream, launches, pdl=False):
     stream.begin_capture()
     for j, (_, fn, g, b, s, args) in enumerate(launches):
-        launch(fn, g, b, s, stream, args, pdl and j > 0)
+        launch(fn, g, b, s, stream, args, pdl and j > 0 and launches[j - 1][1] is not None)
     return stream.end_capture()
 
 
@@ -338,6 +451,7 @@ def main():
                         print(f"{v.name} batch {nb}: skipped ({e})")
                         continue
                     g = capture(stream, ls, v.pdl)
+                    m.logits.fill(cp.nan)  # nothing stale passes for this variant's output
                     g.launch(stream)
                     stream.synchronize()
                     logits = cp.asnumpy(m.logits[: nb * VOCAB]).astype(np.float64)
@@ -354,6 +468,8 @@ def main():
                            "finite": finite, "kernels_us": {}}
                     for label in [] if args.no_kernels else ["embed", "qkv", "attention", "o", "gate_up", "down", "lm_head"]:
                         ls = step_launches(v, m, nb, only=label)
+                        if not ls:
+                            continue
                         ls = ls if len(ls) >= L else (ls * L)[:L]  # a layer's worth each
                         gk = capture(stream, ls, v.pdl)
                         tk = time_graph(stream, gk, reps=15) / L

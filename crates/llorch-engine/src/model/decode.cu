@@ -13,7 +13,8 @@
 // integers per 16 columns (`dp2a`) and applies the block scales once per 16 (`matvec`:
 // relative error ~1e-5, far under the CPU's 8-bit activations); from 16 on the tensor
 // cores do, on split bf16 values (`matmul`). Attention for up to 8 sequences is split over
-// chunks of positions (`attention_split`), from 16 a block per KV head.
+// chunks of positions (`attention_split` at 1 and 2, `attention_gqa` from 3: a block per
+// KV head and chunk), from 16 a block per KV head.
 // The RMS norms are fused: up to 8 sequences the products that read the residual stream
 // norm it themselves (`quantize_x`); from 16 the residual products' blocks write partial
 // sums of squares and the `norm_rows` kernel the normed copy `xn`.
@@ -1121,13 +1122,177 @@ __device__ void attention_split(const float* qkv, int ldq, float* out, float* kc
     if (t == 0) *cnt = 0;
 }
 
+// Decode attention for small batches, grouped: a block per (sequence, KV head, chunk of
+// positions) does every query head that shares the KV head (a warp per head), so each
+// cached key and value is read once per group, not once per query head as in
+// `attention_split` (8x fewer bytes for TinyLlama's 8 heads per KV head), over 8x fewer
+// blocks. Chunks as in `attention_split`; the cached rows of the chunk are copied to shared
+// memory before the wait on the QKV product; the last of a (sequence, KV head)'s chunks to
+// finish combines them in chunk order (deterministic). Threads: GQA_THREADS (128 was slower:
+// two heads a warp). Used from 3 sequences on (buckets 4, 8): at 1 and 2 the whole step is
+// faster with `attention_split`, whose smaller blocks fit beside the QKV product's and start
+// early.
+#ifndef GQA_THREADS
+#define GQA_THREADS 256
+#endif
+#define ATT_GMAX 8  // query heads per KV head at most (attention_gqa, attention_group)
+template <int D>
+__device__ void attention_gqa(const float* qkv, int ldq, float* out, float* kc, float* vc,
+                              int heads, int kv_heads, int cap, const float* inv_freq,
+                              int interleaved, const int* pos_a, const int* slot_a, const int* n,
+                              float scale, int write_kv, float* part, u32* counter) {
+    const int sp = blockIdx.x, kvh = blockIdx.y, i = blockIdx.z;
+    if (i >= *n) {
+        pdl_wait();
+        return;
+    }
+    const int group = heads / kv_heads;
+    const int pos = pos_a[i], slot = slot_a[i], len = pos + 1;
+    const int chunk = max(ATT_CHUNK, (len + ATT_SPLITS - 1) / ATT_SPLITS);
+    const int S = (len + chunk - 1) / chunk, j0 = sp * chunk, j1 = min(len, j0 + chunk);
+    if (sp >= S) {
+        pdl_wait();
+        return;
+    }
+    constexpr int DP = D + 4, NW = GQA_THREADS / 32, E = D / 32;  // E: dimensions per lane
+    const int t = threadIdx.x, lane = t & 31, warp = t >> 5;
+    const int cp4 = (chunk + 3) & ~3;
+    extern __shared__ __align__(16) float sm[];  // scores [group][cp4], then K, V [PF][DP]
+    float* ks = sm + group * cp4;
+    float* vs = ks + (ATT_PF / D) * DP;
+    const size_t base = ((size_t)slot * kv_heads + kvh) * (size_t)cap * D;
+    float* kb = kc + base;
+    float* vb = vc + base;
+    // decode steps: positions before `pos` only (the new one comes from the QKV row)
+    const int np = write_kv ? max(0, min(min(j1, pos) - j0, ATT_PF / D)) : 0;
+    for (int c = t; c < np * (D / 4); c += GQA_THREADS) {
+        const int j = c / (D / 4), e = 4 * (c % (D / 4));
+        cp_async16(ks + j * DP + e, kb + (size_t)(j0 + j) * D + e);
+        cp_async16(vs + j * DP + e, vb + (size_t)(j0 + j) * D + e);
+    }
+    asm volatile("cp.async.commit_group;" ::: "memory");
+    pdl_wait();
+    __shared__ __align__(16) float qs[ATT_GMAX][D];
+    __shared__ __align__(16) float kn[D];
+    __shared__ __align__(16) float vn[D];
+    __shared__ bool last;
+    const float* row = qkv + (size_t)i * ldq;
+    const bool has_new = write_kv && j1 == len;  // this chunk holds the new position
+    for (int u = t; u < (group + 1) * (D / 2); u += GQA_THREADS) {
+        const int hh = u / (D / 2), p = u % (D / 2);  // hh == group: the new key
+        if (hh == group && !has_new) continue;
+        const int a = interleaved ? 2 * p : p;
+        const int b = interleaved ? 2 * p + 1 : p + D / 2;
+        float sn, cs;
+        sincosf((float)pos * inv_freq[p], &sn, &cs);
+        rope_pair(hh < group ? row + (kvh * group + hh) * D : row + (heads + kvh) * D, a, b, sn, cs,
+                  hh < group ? qs[hh] : kn);
+    }
+    if (has_new && t < D) vn[t] = row[(heads + kv_heads + kvh) * D + t];
+    asm volatile("cp.async.wait_all;" ::: "memory");
+    __syncthreads();
+    if (has_new && t < D) {
+        kb[(size_t)pos * D + t] = kn[t];
+        vb[(size_t)pos * D + t] = vn[t];
+    }
+    // a warp per query head: scores with a lane per position, softmax, then values with a
+    // lane per E dimensions; no block-wide step until the chunk's results are out
+    for (int h = warp; h < group; h += NW) {
+        float* sc = sm + h * cp4;
+        float mx = -INFINITY;
+        for (int j = j0 + lane; j < j1; j += 32) {
+            const float* kr = has_new && j == pos ? kn : j - j0 < np ? ks + (j - j0) * DP : kb + (size_t)j * D;
+            const float d = key_dot<D>(qs[h], kr) * scale;
+            sc[j - j0] = d;
+            mx = fmaxf(mx, d);
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+        float sum = 0.f;
+        for (int j = lane; j < j1 - j0; j += 32) {
+            const float p = expf(sc[j] - mx);
+            sc[j] = p;
+            sum += p;
+        }
+        sum = warp_sum(sum);
+        __syncwarp();
+        // four independent sums: the loop's adds do not wait on each other
+        float o[4][E];
+#pragma unroll
+        for (int u = 0; u < 4; ++u)
+#pragma unroll
+            for (int e = 0; e < E; ++e) o[u][e] = 0.f;
+        for (int jb = j0; jb < j1; jb += 4) {
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+                const int j = jb + u;
+                if (j < j1) {
+                    const float p = sc[j - j0];
+                    const float* vr = has_new && j == pos ? vn : j - j0 < np ? vs + (j - j0) * DP : vb + (size_t)j * D;
+#pragma unroll
+                    for (int e = 0; e < E; ++e) o[u][e] += p * vr[lane * E + e];
+                }
+            }
+        }
+        const int hq = kvh * group + h;
+#pragma unroll
+        for (int e = 0; e < E; ++e) {
+            const float v = (o[0][e] + o[1][e]) + (o[2][e] + o[3][e]);
+            if (S == 1) {
+                out[(size_t)i * heads * D + hq * D + lane * E + e] = v / sum;
+            } else {
+                part[(((size_t)i * heads + hq) * ATT_SPLITS + sp) * (D + 2) + 2 + lane * E + e] = v;
+            }
+        }
+        if (S > 1 && lane == 0) {
+            float* mine = part + (((size_t)i * heads + hq) * ATT_SPLITS + sp) * (D + 2);
+            mine[0] = mx, mine[1] = sum;
+        }
+    }
+    if (S == 1) return;
+    // the last of the (sequence, KV head)'s chunks combines them, in chunk order
+    __threadfence();
+    __syncthreads();
+    u32* cnt = counter + (size_t)i * kv_heads + kvh;
+    if (t == 0) last = atomicAdd(cnt, 1u) == (u32)S - 1;
+    __syncthreads();
+    if (!last) return;
+    // every chunk's results of the group's heads: staged in shared memory by coalesced loads
+    // where they fit (the copied keys and values are no longer needed), then combined
+    const float* all = part + ((size_t)i * heads + kvh * group) * ATT_SPLITS * (D + 2);
+    constexpr int RS = ATT_SPLITS * (D + 2);  // floats of one head's chunk results
+    const bool staged = group * RS <= 2 * (ATT_PF / D) * DP;
+    if (staged) {
+        for (int u = t; u < group * RS; u += GQA_THREADS) {
+            const int s2 = (u % RS) / (D + 2);
+            if (s2 < S) ks[u] = __ldcg(all + u);
+        }
+        __syncthreads();
+    }
+    const float* src = staged ? ks : all;
+    for (int u = t; u < group * D; u += GQA_THREADS) {
+        const int h = u / D, d = u % D;
+        const float* r = src + h * RS;
+        float m = -INFINITY;
+        for (int s2 = 0; s2 < S; ++s2) m = fmaxf(m, staged ? r[s2 * (D + 2)] : __ldcg(r + s2 * (D + 2)));
+        float l = 0.f, v = 0.f;
+        for (int s2 = 0; s2 < S; ++s2) {
+            const float* c = r + s2 * (D + 2);
+            const float f = expf((staged ? c[0] : __ldcg(c)) - m);
+            l += (staged ? c[1] : __ldcg(c + 1)) * f;
+            v += (staged ? c[2 + d] : __ldcg(c + 2 + d)) * f;
+        }
+        out[(size_t)i * heads * D + (kvh * group + h) * D + d] = v / l;
+    }
+    if (t == 0) *cnt = 0;
+}
+
 // Decode attention for one (KV head, sequence) and all the query heads that share it
 // (grouped-query attention): RoPE on the new queries and key, the new key/value written to
 // the sequence's KV slot, then softmax over positions 0..=pos in two passes over score
 // rows in shared memory (dynamic, `group * cap` floats). Each cached key and value is read
 // once for the whole group: a block per query head would read them `group` times.
 #define ATT_THREADS 256
-#define ATT_GMAX 8  // query heads per KV head at most
 template <int D>
 __device__ void attention_group(const float* qkv, int ldq, float* out, float* kc, float* vc,
                           int heads, int kv_heads, int cap, const float* inv_freq,
@@ -1320,6 +1485,13 @@ MV_ALL(q6_k, T_Q6_K)
         const int* n, float scale, int write_kv, float* part, u32* counter) {                   \
         attention_split<D>(qkv, ldq, out, kc, vc, heads, kv_heads, cap, inv_freq, interleaved, \
                            pos, slot, n, scale, write_kv, part, counter);                       \
+    }                                                                                           \
+    extern "C" __global__ void __launch_bounds__(GQA_THREADS) attention_gqa_##D(                 \
+        const float* qkv, int ldq, float* out, float* kc, float* vc, int heads, int kv_heads,  \
+        int cap, const float* inv_freq, int interleaved, const int* pos, const int* slot,      \
+        const int* n, float scale, int write_kv, float* part, u32* counter) {                   \
+        attention_gqa<D>(qkv, ldq, out, kc, vc, heads, kv_heads, cap, inv_freq, interleaved,   \
+                         pos, slot, n, scale, write_kv, part, counter);                         \
     }                                                                                           \
     extern "C" __global__ void __launch_bounds__(D) kv_write_##D(                               \
         const float* qkv, int ldq, float* kc, float* vc, int heads, int kv_heads, int cap,     \

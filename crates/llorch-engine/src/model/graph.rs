@@ -15,7 +15,8 @@
 //! weights' integers and the inputs rounded to 16 bits per 16 columns in shared memory,
 //! scaled per 16 (relative error ~1e-5), on grids no larger than the GPU holds at once; they
 //! apply the RMS norm before them themselves, and attention is split over chunks of
-//! positions whose cached keys and values are copied ahead; from 16 on the products run on
+//! positions whose cached keys and values are copied ahead (a block per query head and
+//! chunk up to 2 rows, per KV head and chunk from 3); from 16 on the products run on
 //! the tensor cores (bf16 inputs, f32 sums; every weight read once for all rows) and
 //! attention takes a block per KV head (its cache read once for the heads that share it).
 //! [`GraphDecoder::attention_rows`] lends the attention kernels to Candle's path for prompt
@@ -61,6 +62,12 @@ const ATT_GMAX: usize = 8;
 const ATT_SPLITS: usize = 16;
 const ATT_CHUNK: usize = 32;
 const SPLIT_THREADS: u32 = 128;
+/// Threads of `attention_gqa` (`GQA_THREADS`), which buckets 4 and 8 take: a block per
+/// (KV head, chunk) reads the chunk once for its query heads. At 1 and 2 sequences the step
+/// is faster with a block per query head (`attention_split`, `bench/gpu/kernels.py`: Q4_K
+/// batch 1 0.635 vs 0.812 ms, batch 2 0.899 vs 0.974; batch 4 1.457 vs 1.372, batch 8 2.582
+/// vs 2.217).
+const GQA_THREADS: u32 = 256;
 /// Dynamic shared memory a kernel may ask for: Hopper's 227 KiB per block less the kernels'
 /// static arrays (~38 KiB) and a margin.
 const SMEM_MAX: usize = 180 * 1024;
@@ -75,11 +82,12 @@ const MODE_GLU: i32 = 2;
 /// ahead (`ATT_PF`).
 const ATT_PF: usize = 4096;
 
-/// Dynamic shared memory of `attention_split`: a chunk's scores, then the keys and values
-/// it copies ahead in rows padded by 4 floats.
-fn split_smem(cap: usize, head_dim: usize) -> usize {
+/// Dynamic shared memory of `attention_split` (`heads` 1) and `attention_gqa` (`heads`: the
+/// query heads per KV head): a chunk's scores per head, then the keys and values it copies
+/// ahead in rows padded by 4 floats.
+fn split_smem(cap: usize, head_dim: usize, heads: usize) -> usize {
     let chunk = ATT_CHUNK.max(cap.div_ceil(ATT_SPLITS));
-    4 * chunk.next_multiple_of(4) + 2 * 4 * (ATT_PF / head_dim) * (head_dim + 4)
+    4 * heads * chunk.next_multiple_of(4) + 2 * 4 * (ATT_PF / head_dim) * (head_dim + 4)
 }
 
 /// The weights of one layer as the kernels need them.
@@ -300,6 +308,9 @@ pub struct GraphDecoder {
     sms: u32,
     /// Largest matrix-vector bucket (1, 2, 4 or 8) whose inputs fit in shared memory.
     mv_max: usize,
+    /// Whether buckets 4 and 8 take `attention_gqa` (at most `ATT_GMAX` query heads per KV
+    /// head and its shared memory within bounds), else `attention_split`.
+    gqa: bool,
     layers: Vec<LayerDev>,
     embed: Mat,
     lm_head: Mat,
@@ -439,9 +450,11 @@ impl GraphDecoder {
         let Some(mv_max) = [8, 4, 2, 1].into_iter().find(|&b| mv_smem(b) <= SMEM_MAX) else {
             return Err(unsupported(format!("rows of {} columns", steps * 1024)));
         };
+        let gqa = group <= ATT_GMAX && split_smem(plan.cap, plan.head_dim, group) <= SMEM_MAX;
         let mut names = vec![
             format!("attention_head_{}", plan.head_dim),
             format!("attention_split_{}", plan.head_dim),
+            format!("attention_gqa_{}", plan.head_dim),
             format!("kv_write_{}", plan.head_dim),
             "greedy_rows".into(),
         ];
@@ -464,11 +477,14 @@ impl GraphDecoder {
             let f = module.load_function(&name).map_err(drv)?;
             funcs.insert(name, f);
         }
-        let split_smem = split_smem(plan.cap, plan.head_dim);
         for (kernel, bytes) in [
             ("head", 4 * plan.cap),
             ("group", 4 * group * plan.cap),
-            ("split", split_smem),
+            ("split", split_smem(plan.cap, plan.head_dim, 1)),
+            (
+                "gqa",
+                split_smem(plan.cap, plan.head_dim, group).min(SMEM_MAX),
+            ),
         ] {
             if let Some(f) = funcs.get(&format!("attention_{kernel}_{}", plan.head_dim)) {
                 f.set_attribute(
@@ -539,6 +555,7 @@ impl GraphDecoder {
             funcs,
             sms,
             mv_max,
+            gqa,
             layers,
             embed,
             lm_head,
@@ -673,7 +690,7 @@ impl GraphDecoder {
     }
 
     /// One attention kernel (`attention_head_*`, `attention_group_*`, or with `split`
-    /// `attention_split_*`) over `r`'s rows into `out` (`[rows, heads * head_dim]`);
+    /// `attention_split_*` / `attention_gqa_*`) over `r`'s rows into `out` (`[rows, heads * head_dim]`);
     /// `write_kv` 0 when `kv_write` ran before it; `pdl` within a step (see `launch`).
     #[allow(clippy::too_many_arguments)]
     fn attention(
@@ -842,19 +859,26 @@ impl GraphDecoder {
             eps: p.eps,
             ..Default::default()
         };
-        // a block per (query head, chunk of positions), or from MM_FROM sequences on a
-        // block per KV head
+        // a block per (query head, chunk of positions) up to 2 sequences, per (KV head,
+        // chunk) up to 8, or from MM_FROM sequences on a block per KV head
         let split = nb < MM_FROM;
-        let (att_f, att_grid, att_threads, att_smem) = if split {
+        let group = p.heads / p.kv_heads;
+        let (att_f, att_grid, att_threads, att_smem) = if split && nb >= 4 && self.gqa {
+            (
+                &self.funcs[&format!("attention_gqa_{}", p.head_dim)],
+                (ATT_SPLITS as u32, p.kv_heads as u32, nb as u32),
+                GQA_THREADS,
+                split_smem(p.cap, p.head_dim, group),
+            )
+        } else if split {
             (
                 &self.funcs[&format!("attention_split_{}", p.head_dim)],
                 (p.heads as u32, ATT_SPLITS as u32, nb as u32),
                 SPLIT_THREADS,
-                split_smem(p.cap, p.head_dim),
+                split_smem(p.cap, p.head_dim, 1),
             )
         } else {
             let f = &self.funcs[&format!("attention_group_{}", p.head_dim)];
-            let group = p.heads / p.kv_heads;
             (f, (p.kv_heads as u32, nb as u32, 1), 256, 4 * group * p.cap)
         };
         let write_kv = (!prefill) as i32;

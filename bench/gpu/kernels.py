@@ -19,7 +19,9 @@ file: `mm` (tensor-core kernels from batch 16, or 8 in files that have them), `p
 three; `half` caps them at half of that (tried: slower); `gqa` gives every batch up to 8
 `attention_gqa` (graph.rs: from 3 sequences on); `mega` runs batches of 1-4 as one persistent
 kernel (`bench/gpu/experiments/persistent-step.patch`) and `pair` fuses two products a kernel
-(`experiments/pair-kernels.patch`), both tried and slower. Variants must take the current
+(`experiments/pair-kernels.patch`), `smemNN` stages the products' weights in NN KiB of shared
+memory before the wait (`experiments/smem-staging.patch`): all tried and slower. Variants
+must take the current
 `MvArgs`; files with `XQ_STEP` / `ATT_PF` get the shared memory those ask for. `--once` launches one step per variant without graphs, for a profiler (ncu).
 """
 import argparse
@@ -85,7 +87,11 @@ class Variant:
         # `pair`: output projection + gate/up and down + next QKV (or LM head) as one kernel
         # each, with a grid barrier between (`mv2_<type>_<rg|rp><nb>`)
         self.pair = "pair" in flags
-        flags = [f for f in flags if f not in ("mm", "pdl", "persist", "half", "mega", "gqa", "pair")]
+        # `smemNN`: matrix-vector kernels that copy their rows' weights into NN KiB of shared
+        # memory before the wait (`mvs_<type>_<mode><nb>`, a block per SM)
+        self.smem = next((int(f[4:]) for f in flags if re.fullmatch(r"smem\d+", f)), 0)
+        flags = [f for f in flags if f not in ("mm", "pdl", "persist", "half", "mega", "gqa", "pair")
+                 and not re.fullmatch(r"smem\d+", f)]
         cubin = os.path.join(out_dir, f"{name}.cubin")
         cmd = ["nvcc", "--cubin", "-O3", "-arch=sm_90", "-Xptxas", "-v", *flags, "-o", cubin, src]
         r = subprocess.run(cmd, capture_output=True, text=True)
@@ -227,6 +233,16 @@ def mv_args(v, m, qt, mode, nb, wbuf, row_bytes, rows, k, x, y, ldy, norm_next=N
     `xn` for, `norm_in`: the norm the kernel applies to its input itself (`x` then is the
     residual stream; variants whose kernels round their inputs, up to batch 4)."""
     fn, rpb, threads = v.mv(qt, mode, nb)
+    if v.smem and not (v.mm and nb >= v.mm_from) and v._has(f"mvs_{qt}_{'prg'[mode]}{nb}"):
+        fn = v.mod.get_function(f"mvs_{qt}_{'prg'[mode]}{nb}")
+        if norm_in is not None:
+            x = m.x
+        a = Mv(w=wbuf.data.ptr, x=x.data.ptr, y=y.data.ptr, n=m.params.data.ptr + 4 * 3 * MAXB,
+               row_bytes=row_bytes, rows=rows, k=k, ldy=ldy, mode=mode, eps=EPS, part=m.part.data.ptr,
+               norm_next=0, xn=m.xn.data.ptr, norm_in=norm_in.data.ptr if norm_in is not None else 0)
+        smem = nb * ((k + 1023) // 1024) * v.xq_step + v.smem * 1024
+        check(cuda.cuFuncSetAttribute(ctypes.c_void_p(fn.ptr), 8, smem), "cuFuncSetAttribute")
+        return fn, (SMS, 1, 1), (v.warps * 32, 1, 1), smem, [a]
     if v.xq_step and not (v.mm and nb >= v.mm_from):
         if norm_in is not None:
             x = m.x

@@ -690,8 +690,9 @@ impl GraphDecoder {
     }
 
     /// One attention kernel (`attention_head_*`, `attention_group_*`, or with `split`
-    /// `attention_split_*` / `attention_gqa_*`) over `r`'s rows into `out` (`[rows, heads * head_dim]`);
-    /// `write_kv` 0 when `kv_write` ran before it; `pdl` within a step (see `launch`).
+    /// `attention_split_*` / `attention_gqa_*`) over `r`'s rows into `out`
+    /// (`[rows, heads * head_dim]`); `write_kv` 0 when `kv_write` ran before it; `pdl` within
+    /// a step (see `launch`).
     #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,

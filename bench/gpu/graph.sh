@@ -68,10 +68,12 @@ rel = lambda x, y: math.sqrt(sum((p - q) ** 2 for p, q in zip(x, y)) / sum(q * q
 print(f"100-token prefill logits vs exact: CUDA (TF32) {rel(r['cuda'], r['exact']):.1e}, CPU quantized kernels {rel(r['cpu'], r['exact']):.1e}")
 PY
 
-step "same greedy outputs alone and batched (worker: 6, 12 and 28 at once, the graph's 8, 16 and 32 buckets)"
+step "same greedy outputs alone and batched (worker: 2, 4, 6, 12 and 28 at once, the graph's 2, 4, 8, 16 and 32 buckets)"
 $B/llorch-cuda --model $M/smollm2-q8_0.gguf --cuda-device 0 --port 8392 --max-batch 32 --ctx-size 1024 --kv-cache-mib 2048 &
 WP=$!
 for i in $(seq 1 300); do curl -sf localhost:8392/health >/dev/null && break; sleep 0.5; done
+python3 bench/gpu/same_outputs.py http://127.0.0.1:8392 2
+python3 bench/gpu/same_outputs.py http://127.0.0.1:8392 4
 python3 bench/gpu/same_outputs.py http://127.0.0.1:8392 6
 python3 bench/gpu/same_outputs.py http://127.0.0.1:8392 12
 python3 bench/gpu/same_outputs.py http://127.0.0.1:8392 28

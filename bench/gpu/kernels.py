@@ -110,7 +110,8 @@ class Variant:
         self.xq_step = int(m.group(1)) if m else 0
         # attention_split copying keys and values ahead into shared memory (floats of each)
         m = re.search(r"^#define ATT_PF (\d+)", open(src).read(), re.M)
-        self.att_pf = int(m.group(1)) if m else 0
+        self.att_pf = int(next((f[9:] for f in flags if f.startswith("-DATT_PF=")), m.group(1) if m else "0"))
+        self.split_threads = int(next((f[16:] for f in flags if f.startswith("-DSPLIT_THREADS=")), "128"))
         self.wpr = int(next((f[6:] for f in flags if f.startswith("-DWPR=")), "1"))
         self.warps = int(next((f[8:] for f in flags if f.startswith("-DWARPS=")), "8"))
         m = re.search(r"^#define GQA_THREADS (\d+)", open(src).read(), re.M)
@@ -336,7 +337,7 @@ def step_launches(v, m, nb, only=None):
         att_extra = [p(m.att_part), p(m.att_counter)]
     elif nb < v.mm_from and v.split:  # a block per (query head, chunk of positions)
         smem = 4 * CAP + 2 * (v.att_pf // HD) * (HD + 4) * 4
-        att, geo = v.mod.get_function(f"attention_split_{HD}"), ((HEADS, 16, nb), (128, 1, 1), smem)
+        att, geo = v.mod.get_function(f"attention_split_{HD}"), ((HEADS, 16, nb), (v.split_threads, 1, 1), smem)
         check(cuda.cuFuncSetAttribute(ctypes.c_void_p(att.ptr), 8, smem), "cuFuncSetAttribute")
         att_extra = [p(m.att_part), p(m.att_counter)]
     elif nb <= 4:  # a block per query head

@@ -84,10 +84,10 @@ const ATT_PF: usize = 4096;
 
 /// Dynamic shared memory of `attention_split` (`heads` 1) and `attention_gqa` (`heads`: the
 /// query heads per KV head): a chunk's scores per head, then the keys and values it copies
-/// ahead in rows padded by 4 floats.
-fn split_smem(cap: usize, head_dim: usize, heads: usize) -> usize {
+/// ahead (`pf` floats of each) in rows padded by 4 floats.
+fn split_smem(cap: usize, head_dim: usize, heads: usize, pf: usize) -> usize {
     let chunk = ATT_CHUNK.max(cap.div_ceil(ATT_SPLITS));
-    4 * heads * chunk.next_multiple_of(4) + 2 * 4 * (ATT_PF / head_dim) * (head_dim + 4)
+    4 * heads * chunk.next_multiple_of(4) + 2 * 4 * (pf / head_dim) * (head_dim + 4)
 }
 
 /// The weights of one layer as the kernels need them.
@@ -450,10 +450,12 @@ impl GraphDecoder {
         let Some(mv_max) = [8, 4, 2, 1].into_iter().find(|&b| mv_smem(b) <= SMEM_MAX) else {
             return Err(unsupported(format!("rows of {} columns", steps * 1024)));
         };
-        let gqa = group <= ATT_GMAX && split_smem(plan.cap, plan.head_dim, group) <= SMEM_MAX;
+        let gqa =
+            group <= ATT_GMAX && split_smem(plan.cap, plan.head_dim, group, ATT_PF) <= SMEM_MAX;
         let mut names = vec![
             format!("attention_head_{}", plan.head_dim),
             format!("attention_split_{}", plan.head_dim),
+            format!("attention_split_small_{}", plan.head_dim),
             format!("attention_gqa_{}", plan.head_dim),
             format!("kv_write_{}", plan.head_dim),
             "greedy_rows".into(),
@@ -480,10 +482,14 @@ impl GraphDecoder {
         for (kernel, bytes) in [
             ("head", 4 * plan.cap),
             ("group", 4 * group * plan.cap),
-            ("split", split_smem(plan.cap, plan.head_dim, 1)),
+            ("split", split_smem(plan.cap, plan.head_dim, 1, ATT_PF)),
+            (
+                "split_small",
+                split_smem(plan.cap, plan.head_dim, 1, ATT_PF / 2),
+            ),
             (
                 "gqa",
-                split_smem(plan.cap, plan.head_dim, group).min(SMEM_MAX),
+                split_smem(plan.cap, plan.head_dim, group, ATT_PF).min(SMEM_MAX),
             ),
         ] {
             if let Some(f) = funcs.get(&format!("attention_{kernel}_{}", plan.head_dim)) {
@@ -860,8 +866,9 @@ impl GraphDecoder {
             eps: p.eps,
             ..Default::default()
         };
-        // a block per (query head, chunk of positions) up to 2 sequences, per (KV head,
-        // chunk) up to 8, or from MM_FROM sequences on a block per KV head
+        // a block per (query head, chunk of positions) up to 2 sequences (at 2 smaller
+        // blocks: `attention_split_small`), per (KV head, chunk) up to 8, or from MM_FROM
+        // sequences on a block per KV head
         let split = nb < MM_FROM;
         let group = p.heads / p.kv_heads;
         let (att_f, att_grid, att_threads, att_smem) = if split && nb >= 4 && self.gqa {
@@ -869,14 +876,21 @@ impl GraphDecoder {
                 &self.funcs[&format!("attention_gqa_{}", p.head_dim)],
                 (ATT_SPLITS as u32, p.kv_heads as u32, nb as u32),
                 GQA_THREADS,
-                split_smem(p.cap, p.head_dim, group),
+                split_smem(p.cap, p.head_dim, group, ATT_PF),
+            )
+        } else if split && nb == 2 {
+            (
+                &self.funcs[&format!("attention_split_small_{}", p.head_dim)],
+                (p.heads as u32, ATT_SPLITS as u32, nb as u32),
+                p.head_dim.max(64) as u32,
+                split_smem(p.cap, p.head_dim, 1, ATT_PF / 2),
             )
         } else if split {
             (
                 &self.funcs[&format!("attention_split_{}", p.head_dim)],
                 (p.heads as u32, ATT_SPLITS as u32, nb as u32),
                 SPLIT_THREADS,
-                split_smem(p.cap, p.head_dim, 1),
+                split_smem(p.cap, p.head_dim, 1, ATT_PF),
             )
         } else {
             let f = &self.funcs[&format!("attention_group_{}", p.head_dim)];

@@ -972,6 +972,27 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src) : "memory");
 }
 
+// Chunk `sp` of a sequence's `len` positions for the split attention kernels: chunks of
+// at least ATT_CHUNK positions, at most ATT_SPLITS of them (`S`), positions [j0, j1).
+__device__ __forceinline__ void att_chunk(int len, int sp, int& chunk, int& S, int& j0, int& j1) {
+    chunk = max(ATT_CHUNK, (len + ATT_SPLITS - 1) / ATT_SPLITS);
+    S = (len + chunk - 1) / chunk, j0 = sp * chunk, j1 = min(len, j0 + chunk);
+}
+
+// Copies `np` cached key and value rows from position j0 on to shared memory rows of D + 4
+// floats (`cp.async` by the block's T threads, one commit group).
+template <int D, int T>
+__device__ __forceinline__ void copy_ahead(float* ks, float* vs, const float* kb, const float* vb, int j0,
+                                           int np) {
+    constexpr int DP = D + 4;
+    for (int c = threadIdx.x; c < np * (D / 4); c += T) {
+        const int j = c / (D / 4), e = 4 * (c % (D / 4));
+        cp_async16(ks + j * DP + e, kb + (size_t)(j0 + j) * D + e);
+        cp_async16(vs + j * DP + e, vb + (size_t)(j0 + j) * D + e);
+    }
+    asm volatile("cp.async.commit_group;" ::: "memory");
+}
+
 template <int D, int T, int PFF>
 __device__ void attention_split(const float* qkv, int ldq, float* out, float* kc, float* vc,
                                 int heads, int kv_heads, int cap, const float* inv_freq,
@@ -986,8 +1007,8 @@ __device__ void attention_split(const float* qkv, int ldq, float* out, float* kc
     }
     const int h = blockIdx.x, sp = blockIdx.y, group = heads / kv_heads, kvh = h / group;
     const int pos = pos_a[i], slot = slot_a[i], len = pos + 1;
-    const int chunk = max(ATT_CHUNK, (len + ATT_SPLITS - 1) / ATT_SPLITS);
-    const int S = (len + chunk - 1) / chunk, j0 = sp * chunk, j1 = min(len, j0 + chunk);
+    int chunk, S, j0, j1;
+    att_chunk(len, sp, chunk, S, j0, j1);
     if (sp >= S) {
         pdl_wait();
         return;
@@ -1003,12 +1024,7 @@ __device__ void attention_split(const float* qkv, int ldq, float* out, float* kc
     float* vb = vc + base;
     // decode steps: positions before `pos` only (the new one comes from the QKV row)
     const int np = write_kv ? max(0, min(min(j1, pos) - j0, PF)) : 0;
-    for (int c = t; c < np * (D / 4); c += T) {
-        const int j = c / (D / 4), e = 4 * (c % (D / 4));
-        cp_async16(ks + j * DP + e, kb + (size_t)(j0 + j) * D + e);
-        cp_async16(vs + j * DP + e, vb + (size_t)(j0 + j) * D + e);
-    }
-    asm volatile("cp.async.commit_group;" ::: "memory");
+    copy_ahead<D, T>(ks, vs, kb, vb, j0, np);
     pdl_wait();
     __shared__ __align__(16) float qs[D];
     __shared__ __align__(16) float kn[D];
@@ -1125,6 +1141,24 @@ __device__ void attention_split(const float* qkv, int ldq, float* out, float* kc
     if (t == 0) *cnt = 0;
 }
 
+// RoPE on the new queries of the `group` heads that share KV head `kvh` (into qs) and,
+// with `key`, on its new key (into kn), by the block's T threads.
+template <int D, int T>
+__device__ __forceinline__ void rope_group(const float* row, int heads, int kvh, int group, int pos,
+                                           const float* inv_freq, int interleaved, bool key,
+                                           float (*qs)[D], float* kn) {
+    for (int u = threadIdx.x; u < (group + 1) * (D / 2); u += T) {
+        const int hh = u / (D / 2), p = u % (D / 2);  // hh == group: the new key
+        if (hh == group && !key) continue;
+        const int a = interleaved ? 2 * p : p;
+        const int b = interleaved ? 2 * p + 1 : p + D / 2;
+        float sn, cs;
+        sincosf((float)pos * inv_freq[p], &sn, &cs);
+        rope_pair(hh < group ? row + (kvh * group + hh) * D : row + (heads + kvh) * D, a, b, sn, cs,
+                  hh < group ? qs[hh] : kn);
+    }
+}
+
 // Decode attention for small batches, grouped: a block per (sequence, KV head, chunk of
 // positions) does every query head that shares the KV head (a warp per head), so each
 // cached key and value is read once per group, not once per query head as in
@@ -1151,8 +1185,8 @@ __device__ void attention_gqa(const float* qkv, int ldq, float* out, float* kc, 
     }
     const int group = heads / kv_heads;
     const int pos = pos_a[i], slot = slot_a[i], len = pos + 1;
-    const int chunk = max(ATT_CHUNK, (len + ATT_SPLITS - 1) / ATT_SPLITS);
-    const int S = (len + chunk - 1) / chunk, j0 = sp * chunk, j1 = min(len, j0 + chunk);
+    int chunk, S, j0, j1;
+    att_chunk(len, sp, chunk, S, j0, j1);
     if (sp >= S) {
         pdl_wait();
         return;
@@ -1168,12 +1202,7 @@ __device__ void attention_gqa(const float* qkv, int ldq, float* out, float* kc, 
     float* vb = vc + base;
     // decode steps: positions before `pos` only (the new one comes from the QKV row)
     const int np = write_kv ? max(0, min(min(j1, pos) - j0, ATT_PF / D)) : 0;
-    for (int c = t; c < np * (D / 4); c += GQA_THREADS) {
-        const int j = c / (D / 4), e = 4 * (c % (D / 4));
-        cp_async16(ks + j * DP + e, kb + (size_t)(j0 + j) * D + e);
-        cp_async16(vs + j * DP + e, vb + (size_t)(j0 + j) * D + e);
-    }
-    asm volatile("cp.async.commit_group;" ::: "memory");
+    copy_ahead<D, GQA_THREADS>(ks, vs, kb, vb, j0, np);
     pdl_wait();
     __shared__ __align__(16) float qs[ATT_GMAX][D];
     __shared__ __align__(16) float kn[D];
@@ -1181,16 +1210,7 @@ __device__ void attention_gqa(const float* qkv, int ldq, float* out, float* kc, 
     __shared__ bool last;
     const float* row = qkv + (size_t)i * ldq;
     const bool has_new = write_kv && j1 == len;  // this chunk holds the new position
-    for (int u = t; u < (group + 1) * (D / 2); u += GQA_THREADS) {
-        const int hh = u / (D / 2), p = u % (D / 2);  // hh == group: the new key
-        if (hh == group && !has_new) continue;
-        const int a = interleaved ? 2 * p : p;
-        const int b = interleaved ? 2 * p + 1 : p + D / 2;
-        float sn, cs;
-        sincosf((float)pos * inv_freq[p], &sn, &cs);
-        rope_pair(hh < group ? row + (kvh * group + hh) * D : row + (heads + kvh) * D, a, b, sn, cs,
-                  hh < group ? qs[hh] : kn);
-    }
+    rope_group<D, GQA_THREADS>(row, heads, kvh, group, pos, inv_freq, interleaved, has_new, qs, kn);
     if (has_new && t < D) vn[t] = row[(heads + kv_heads + kvh) * D + t];
     asm volatile("cp.async.wait_all;" ::: "memory");
     __syncthreads();
@@ -1315,15 +1335,7 @@ __device__ void attention_group(const float* qkv, int ldq, float* out, float* kc
     __shared__ float mxs[ATT_GMAX], den[ATT_GMAX];
     __shared__ __align__(16) float part[ATT_THREADS / (D / 4)][ATT_GMAX][D];
     const float* row = qkv + (size_t)i * ldq;
-    for (int u = t; u < (group + 1) * (D / 2); u += ATT_THREADS) {
-        const int hh = u / (D / 2), p = u % (D / 2);  // hh == group: the key
-        const int a = interleaved ? 2 * p : p;
-        const int b = interleaved ? 2 * p + 1 : p + D / 2;
-        const float* src = hh < group ? row + (kvh * group + hh) * D : row + (heads + kvh) * D;
-        float sn, cs;
-        sincosf((float)pos * inv_freq[p], &sn, &cs);
-        rope_pair(src, a, b, sn, cs, hh < group ? qs[hh] : kn);
-    }
+    rope_group<D, ATT_THREADS>(row, heads, kvh, group, pos, inv_freq, interleaved, true, qs, kn);
     if (t < D) vn[t] = row[(heads + kv_heads + kvh) * D + t];
     __syncthreads();
     const size_t base = ((size_t)slot * kv_heads + kvh) * (size_t)cap * D;

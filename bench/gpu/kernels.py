@@ -111,6 +111,7 @@ class Variant:
         # attention_split copying keys and values ahead into shared memory (floats of each)
         m = re.search(r"^#define ATT_PF (\d+)", open(src).read(), re.M)
         self.att_pf = int(next((f[9:] for f in flags if f.startswith("-DATT_PF=")), m.group(1) if m else "0"))
+        self.splits = int(next((f[13:] for f in flags if f.startswith("-DATT_SPLITS=")), "16"))
         self.split_threads = int(next((f[16:] for f in flags if f.startswith("-DSPLIT_THREADS=")), "128"))
         self.wpr = int(next((f[6:] for f in flags if f.startswith("-DWPR=")), "1"))
         self.warps = int(next((f[8:] for f in flags if f.startswith("-DWARPS=")), "8"))
@@ -290,7 +291,7 @@ def mega_launches(v, m, nb, fn):
     m.lw_dev = cp.asarray(np.frombuffer(bytes(lw), dtype=np.uint8))
     steps = (I + 1023) // 1024
     xq = nb * steps * v.xq_step
-    chunk = max(32, (CAP + 15) // 16)
+    chunk = max(32, -(-CAP // v.splits))
     att = 4 * (HEADS // KVH) * ((chunk + 3) & ~3) + 2 * 4 * (v.att_pf // HD) * (HD + 4)
     smem = xq + att
     check(cuda.cuFuncSetAttribute(ctypes.c_void_p(fn.ptr), 8, smem), "cuFuncSetAttribute")
@@ -330,14 +331,14 @@ def step_launches(v, m, nb, only=None):
     if not v.new:
         att, geo = v.mod.get_function(f"attention_{HD}"), ((HEADS, nb, 1), (1024, 1, 1), 4 * CAP)
     elif nb < v.mm_from and v.gqa:  # a block per (KV head, chunk of positions)
-        chunk = max(32, (CAP + 15) // 16)
+        chunk = max(32, -(-CAP // v.splits))
         smem = 4 * (HEADS // KVH) * ((chunk + 3) & ~3) + 2 * (v.att_pf // HD) * (HD + 4) * 4
-        att, geo = v.mod.get_function(f"attention_gqa_{HD}"), ((16, KVH, nb), (v.gqa_threads, 1, 1), smem)
+        att, geo = v.mod.get_function(f"attention_gqa_{HD}"), ((v.splits, KVH, nb), (v.gqa_threads, 1, 1), smem)
         check(cuda.cuFuncSetAttribute(ctypes.c_void_p(att.ptr), 8, smem), "cuFuncSetAttribute")
         att_extra = [p(m.att_part), p(m.att_counter)]
     elif nb < v.mm_from and v.split:  # a block per (query head, chunk of positions)
         smem = 4 * CAP + 2 * (v.att_pf // HD) * (HD + 4) * 4
-        att, geo = v.mod.get_function(f"attention_split_{HD}"), ((HEADS, 16, nb), (v.split_threads, 1, 1), smem)
+        att, geo = v.mod.get_function(f"attention_split_{HD}"), ((HEADS, v.splits, nb), (v.split_threads, 1, 1), smem)
         check(cuda.cuFuncSetAttribute(ctypes.c_void_p(att.ptr), 8, smem), "cuFuncSetAttribute")
         att_extra = [p(m.att_part), p(m.att_counter)]
     elif nb <= 4:  # a block per query head

@@ -376,13 +376,14 @@ __device__ __forceinline__ int dp2a_hi(u32 x, u32 b, int c) {
 }
 
 // Writes output (sequence i, row r) of a product whose sum is v (SwiGLU: v2 the up row's)
-// as the mode says; returns what it wrote.
+// as the mode says; returns what it wrote. With `pre`, `y0` is the residual y, read already.
 template <int MODE>
-__device__ __forceinline__ float store_out(const MvArgs& a, int i, int r, float v, float v2) {
+__device__ __forceinline__ float store_out(const MvArgs& a, int i, int r, float v, float v2,
+                                           bool pre = false, float y0 = 0.f) {
     float* yp = a.y + (size_t)i * a.ldy + r;
     float out;
     if (MODE == MODE_RESID) {
-        out = *yp + v;
+        out = (pre ? y0 : *yp) + v;
     } else if (MODE == MODE_GLU) {
         out = v / (1.f + expf(-v)) * v2;
     } else {
@@ -434,6 +435,15 @@ __device__ void matvec(const MvArgs& a) {
     // the wait, it costs no round trip after it
     const int n = *a.n;
     if (r < a.rows) load_unit<QT, U, RW>(a, r, 0, ng, lane, raw, has);
+    // Residual products: lane i's residual of sequence i at the warp's first row, read
+    // before the wait too (one round trip less after it; a warp has one row at batch 1).
+    // Its last writer is at least two kernels back (down: the output projection, output
+    // projection: the previous layer's down), complete before the kernel before this one
+    // passed its own wait, which is when this one could start; `__ldcg`: from L2, not from
+    // an L1 line older than that write.
+    float y0 = 0.f;
+    const int r0 = r;
+    if (MODE == MODE_RESID && r < a.rows && lane < n) y0 = __ldcg(a.y + (size_t)lane * a.ldy + r);
     pdl_wait();
     extern __shared__ __align__(16) uint8_t xq[];  // NB * ng * XQ_STEP bytes (graph.rs)
     __shared__ float rs[NB];
@@ -487,7 +497,7 @@ __device__ void matvec(const MvArgs& a) {
                 if (i < n) {
                     const float v = warp_sum(acc[0][i]) * rs[i];
                     const float v2 = RW > 1 ? warp_sum(acc[RW - 1][i]) * rs[i] : 0.f;
-                    if (lane == i) store_out<MODE>(a, i, r, v, v2);
+                    if (lane == i) store_out<MODE>(a, i, r, v, v2, r == r0, y0);
                 }
 #pragma unroll
                 for (int h = 0; h < RW; ++h) acc[h][i] = 0.f;
@@ -963,7 +973,9 @@ __device__ void attention_head(const float* qkv, int ldq, float* out, float* kc,
 #ifndef ATT_CHUNK
 #define ATT_CHUNK 32
 #endif
+#ifndef ATT_SPLITS
 #define ATT_SPLITS 16
+#endif
 #define SPLIT_THREADS 128
 #define ATT_PF 4096  // floats of keys (and as many of values) a block copies ahead
 
@@ -991,6 +1003,22 @@ __device__ __forceinline__ void copy_ahead(float* ks, float* vs, const float* kb
         cp_async16(vs + j * DP + e, vb + (size_t)(j0 + j) * D + e);
     }
     asm volatile("cp.async.commit_group;" ::: "memory");
+}
+
+// Copies `n` floats from global memory (as written by other blocks) to shared memory in
+// rounds of N loads a thread, each round's loads all issued before the first is used (one
+// round trip to L2 a round, not one a float), then syncs the block.
+template <int T, int N>
+__device__ __forceinline__ void stage(float* dst, const float* src, int n) {
+    for (int b = threadIdx.x; b < n; b += N * T) {
+        float r[N];
+#pragma unroll
+        for (int k = 0; k < N; ++k) r[k] = b + k * T < n ? __ldcg(src + b + k * T) : 0.f;
+#pragma unroll
+        for (int k = 0; k < N; ++k)
+            if (b + k * T < n) dst[b + k * T] = r[k];
+    }
+    __syncthreads();
 }
 
 template <int D, int T, int PFF>
@@ -1025,6 +1053,8 @@ __device__ void attention_split(const float* qkv, int ldq, float* out, float* kc
     // decode steps: positions before `pos` only (the new one comes from the QKV row)
     const int np = write_kv ? max(0, min(min(j1, pos) - j0, PF)) : 0;
     copy_ahead<D, T>(ks, vs, kb, vb, j0, np);
+    float sn = 0.f, cs = 1.f;  // the RoPE angle of this thread's pair needs only `pos`
+    if (t < D / 2) sincosf((float)pos * inv_freq[t], &sn, &cs);
     pdl_wait();
     __shared__ __align__(16) float qs[D];
     __shared__ __align__(16) float kn[D];
@@ -1038,8 +1068,6 @@ __device__ void attention_split(const float* qkv, int ldq, float* out, float* kc
     if (t < D / 2) {
         const int a = interleaved ? 2 * t : t;
         const int b = interleaved ? 2 * t + 1 : t + D / 2;
-        float sn, cs;
-        sincosf((float)pos * inv_freq[t], &sn, &cs);
         rope_pair(row + h * D, a, b, sn, cs, qs);
         if (has_new) rope_pair(row + (heads + kvh) * D, a, b, sn, cs, kn);
     }
@@ -1126,15 +1154,22 @@ __device__ void attention_split(const float* qkv, int ldq, float* out, float* kc
     if (t == 0) last = atomicAdd(cnt, 1u) == (u32)S - 1;
     __syncthreads();
     if (!last) return;
+    // The chunks' results, staged in shared memory by independent loads (the copied keys
+    // and values are no longer needed): read in the combining loop, each load waited for
+    // before the next, they were a chain of round trips to L2 (kernels.py, batch 1: the
+    // kernel 7.1 -> 6.6 us, `kernels-combine-log.txt`).
+    static_assert(ATT_SPLITS * (D + 2) <= 2 * (PFF / D) * DP, "chunk results fit where K, V were");
     const float* all = part + ((size_t)i * heads + h) * ATT_SPLITS * (D + 2);
+    stage<T, 16>(ks, all, S * (D + 2));
     float m = -INFINITY;
-    for (int s2 = 0; s2 < S; ++s2) m = fmaxf(m, __ldcg(all + s2 * (D + 2)));
+    for (int s2 = 0; s2 < S; ++s2) m = fmaxf(m, ks[s2 * (D + 2)]);
     if (t < D) {
         float l = 0.f, v = 0.f;
         for (int s2 = 0; s2 < S; ++s2) {
-            const float f = expf(__ldcg(all + s2 * (D + 2)) - m);
-            l += __ldcg(all + s2 * (D + 2) + 1) * f;
-            v += __ldcg(all + s2 * (D + 2) + 2 + t) * f;
+            const float* c = ks + s2 * (D + 2);
+            const float f = expf(c[0] - m);
+            l += c[1] * f;
+            v += c[2 + t] * f;
         }
         dst[t] = v / l;
     }
@@ -1285,13 +1320,7 @@ __device__ void attention_gqa(const float* qkv, int ldq, float* out, float* kc, 
     const float* all = part + ((size_t)i * heads + kvh * group) * ATT_SPLITS * (D + 2);
     constexpr int RS = ATT_SPLITS * (D + 2);  // floats of one head's chunk results
     const bool staged = group * RS <= 2 * (ATT_PF / D) * DP;
-    if (staged) {
-        for (int u = t; u < group * RS; u += GQA_THREADS) {
-            const int s2 = (u % RS) / (D + 2);
-            if (s2 < S) ks[u] = __ldcg(all + u);
-        }
-        __syncthreads();
-    }
+    if (staged) stage<GQA_THREADS, 16>(ks, all, group * RS);
     const float* src = staged ? ks : all;
     for (int u = t; u < group * D; u += GQA_THREADS) {
         const int h = u / D, d = u % D;

@@ -17,5 +17,13 @@ if ! command -v nvcc >/dev/null; then
   eval "$(bash "$TC")"
 fi
 export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
+# The binaries often run on another machine than the one that builds them (the GPU host),
+# so on x86-64 the CPU code targets x86-64-v3 (AVX2/FMA/F16C, which Candle's quantized
+# CPU kernels use) instead of .cargo/config.toml's target-cpu=native: a build host with
+# AVX-512 made binaries that died of SIGILL on a GPU host without it. Set RUSTFLAGS to
+# choose otherwise (e.g. "-C target-cpu=native" to build and run on the same machine).
+if [ -z "${RUSTFLAGS+x}" ] && [ "$(uname -m)" = x86_64 ]; then
+  export RUSTFLAGS="-C target-cpu=x86-64-v3"
+fi
 cargo build --release -p llorch-worker -p llorch --features cuda --bins
 ls -la "${CARGO_TARGET_DIR:-target}"/release/llorch-cuda "${CARGO_TARGET_DIR:-target}"/release/llorch

@@ -7,8 +7,9 @@ buffer per layer so L2 does not hold them), and reports
 - per kernel: GPU time (median over replays of a captured graph of 22 launches, one per
   layer's weights), bytes of weights it reads and the bandwidth that makes;
 - per step: the whole decode step (embedding, 22 x [QKV, attention, O, gate/up, down],
-  LM head) captured as one graph, as the engine runs it: ms per step, tok/s, GB/s;
-- correctness: each variant's logits against the first variant's (same inputs), rel. L2.
+  LM head, greedy picks) captured as one graph, as the engine runs it: ms per step, tok/s, GB/s;
+- correctness: each variant's logits against the first variant's (same inputs), rel. L2,
+  and its greedy picks (token and log-probability bits; `picks!` when they differ).
 
   python3 bench/gpu/kernels.py NAME=FILE.cu[:NVCC_FLAGS] ... [--batch 1,8] [--pos 600]
 
@@ -20,7 +21,10 @@ three; `half` caps them at half of that (tried: slower); `gqa` gives every batch
 `attention_gqa` (graph.rs: from 3 sequences on); `mega` runs batches of 1-4 as one persistent
 kernel (`bench/gpu/experiments/persistent-step.patch`) and `pair` fuses two products a kernel
 (`experiments/pair-kernels.patch`), `smemNN` stages the products' weights in NN KiB of shared
-memory before the wait (`experiments/smem-staging.patch`): all tried and slower. Variants
+memory before the wait (`experiments/smem-staging.patch`), `l2pfN` makes each product prefetch
+the weights of the product N after it into L2 (`experiments/l2-prefetch.patch`): all tried
+and slower. `-DATT_SPLITS=N` sizes the attention grids. The step ends with `greedy_rows`
+where the file has it; its picks are compared with the first variant's too. Variants
 must take the current
 `MvArgs`; files with `XQ_STEP` / `ATT_PF` get the shared memory those ask for. `--once` launches one step per variant without graphs, for a profiler (ncu).
 """
@@ -66,7 +70,8 @@ class Mv(ctypes.Structure):
     _fields_ = [(f, ctypes.c_uint64) for f in
                 ["w", "x", "norm_next", "xn", "bias", "y", "part", "n", "row_bytes"]] + \
                [("rows", ctypes.c_int), ("k", ctypes.c_int), ("ldy", ctypes.c_int),
-                ("mode", ctypes.c_int), ("eps", ctypes.c_float), ("parts", ctypes.c_int), ("norm_in", ctypes.c_uint64)]
+                ("mode", ctypes.c_int), ("eps", ctypes.c_float), ("parts", ctypes.c_int), ("norm_in", ctypes.c_uint64),
+                ("pf", ctypes.c_uint64), ("pf_bytes", ctypes.c_uint64)]
 
 
 class Variant:
@@ -90,8 +95,12 @@ class Variant:
         # `smemNN`: matrix-vector kernels that copy their rows' weights into NN KiB of shared
         # memory before the wait (`mvs_<type>_<mode><nb>`, a block per SM)
         self.smem = next((int(f[4:]) for f in flags if re.fullmatch(r"smem\d+", f)), 0)
+        # `l2pfN`: each matrix-vector product prefetches the weights of the product N after
+        # it into L2 (at most `l2capMM` MB of them, default 32; whole steps only)
+        self.l2pf = next((int(f[4:]) for f in flags if re.fullmatch(r"l2pf\d+", f)), 0)
+        self.l2cap = next((int(f[5:]) for f in flags if re.fullmatch(r"l2cap\d+", f)), 32) << 20
         flags = [f for f in flags if f not in ("mm", "pdl", "persist", "half", "mega", "gqa", "pair")
-                 and not re.fullmatch(r"smem\d+", f)]
+                 and not re.fullmatch(r"(smem|l2pf|l2cap)\d+", f)]
         cubin = os.path.join(out_dir, f"{name}.cubin")
         cmd = ["nvcc", "--cubin", "-O3", "-arch=sm_90", "-Xptxas", "-v", *flags, "-o", cubin, src]
         r = subprocess.run(cmd, capture_output=True, text=True)
@@ -203,6 +212,7 @@ class Model:
         self.act, self.logits, self.part = f(MAXB * I), f(MAXB * VOCAB), f(MAXB * H * 8)
         self.att_part = f(MAXB * HEADS * 16 * (HD + 2))
         self.att_counter = cp.zeros(MAXB * HEADS, dtype=cp.uint32)
+        self.picks = cp.zeros(2 * MAXB, dtype=cp.int32)
         self.bar = cp.zeros(64, dtype=cp.uint32)
         p = np.zeros(3 * MAXB + 1, dtype=np.int32)
         p[:MAXB] = rng.integers(0, VOCAB, MAXB)
@@ -256,6 +266,7 @@ def mv_args(v, m, qt, mode, nb, wbuf, row_bytes, rows, k, x, y, ldy, norm_next=N
            part=m.part.data.ptr,
            norm_next=norm_next.data.ptr if norm_next is not None else 0, xn=m.xn.data.ptr,
            norm_in=norm_in.data.ptr if norm_in is not None else 0)
+    a.wbytes = wbuf.nbytes  # for `l2pf`
     grid = (rows + rpb - 1) // rpb
     smem = 0
     if not (v.mm and nb >= v.mm_from):
@@ -364,6 +375,14 @@ def step_launches(v, m, nb, only=None):
         norm_after(v, nb, out)
     out.append(("lm_head", *mv_args(v, m, qt, 0, nb, *m.lm_head, VOCAB, H, m.xn, m.logits, VOCAB,
                                     norm_in=m.out_norm)))
+    if v._has("greedy_rows"):  # the step's greedy picks, as graph.rs ends a step
+        out.append(("greedy", v.mod.get_function("greedy_rows"), (nb, 1, 1), (1024, 1, 1), 0,
+                    [p(m.logits), ctypes.c_int(VOCAB), n, p(m.picks)]))
+    if v.l2pf and only is None and not (v.mm and nb >= v.mm_from):
+        prods = [o[5][0] for o in out if o[0] in ("qkv", "o", "gate_up", "down", "lm_head")]
+        for j, a in enumerate(prods[:-v.l2pf]):
+            nxt = prods[j + v.l2pf]
+            a.pf, a.pf_bytes = nxt.w, min(nxt.wbytes, v.l2cap)
     out = [o for o in out if only is None or o[0] == only]
     return out
 
@@ -473,10 +492,12 @@ def main():
                     g.launch(stream)
                     stream.synchronize()
                     logits = cp.asnumpy(m.logits[: nb * VOCAB]).astype(np.float64)
+                    picks = cp.asnumpy(m.picks[: 2 * nb])
+                    m.picks.fill(-1)
                     if ref is None:
                         if nb != 8:
                             sys.exit("put batch 8 first: it is the reference")
-                        ref = logits
+                        ref, ref_picks = logits, picks
                     c = min(nb, 8) * VOCAB
                     err = float(np.linalg.norm(logits[:c] - ref[:c]) / max(np.linalg.norm(ref[:c]), 1e-30))
                     finite = bool(np.isfinite(logits).all())
@@ -484,7 +505,9 @@ def main():
                     row = {"type": qt, "batch": nb, "variant": v.name, "step_ms": t * 1e3,
                            "tok_s": nb / t, "GBps": step_bytes / t / 1e9, "rel_l2_vs_first": err,
                            "finite": finite, "kernels_us": {}}
-                    for label in [] if args.no_kernels else ["embed", "qkv", "attention", "o", "gate_up", "down", "lm_head"]:
+                    if v._has("greedy_rows"):  # token and log-probability bits as the first's
+                        row["picks_same"] = bool((picks[: 2 * min(nb, 8)] == ref_picks[: 2 * min(nb, 8)]).all())
+                    for label in [] if args.no_kernels else ["embed", "qkv", "attention", "o", "gate_up", "down", "lm_head", "greedy"]:
                         ls = step_launches(v, m, nb, only=label)
                         if not ls:
                             continue
@@ -500,12 +523,12 @@ def main():
     with open(os.path.join(args.out, args.json), "w") as f:
         json.dump({"results": results, "ptxas": {v.name: v.ptxas[-4000:] for v in vs}}, f, indent=1)
     print("\ntype  batch variant          step_ms  tok/s   GB/s  relL2    " + " ".join(f"{k:>8}" for k in
-          ["embed", "qkv", "attention", "o", "gate_up", "down", "lm_head"]))
+          ["embed", "qkv", "attention", "o", "gate_up", "down", "lm_head", "greedy"]))
     for r in results:
         print(f"{r['type']:5} {r['batch']:5} {r['variant']:16} {r['step_ms']:7.3f} {r['tok_s']:7.0f} {r['GBps']:6.0f}"
-              f"  {r['rel_l2_vs_first']:.1e}{'' if r['finite'] else ' NaN!'} "
+              f"  {r['rel_l2_vs_first']:.1e}{'' if r['finite'] else ' NaN!'}{'' if r.get('picks_same', True) else ' picks!'} "
               + " ".join(f"{r['kernels_us'].get(k, 0):8.2f}" for k in
-                         ["embed", "qkv", "attention", "o", "gate_up", "down", "lm_head"]))
+                         ["embed", "qkv", "attention", "o", "gate_up", "down", "lm_head", "greedy"]))
 
 
 if __name__ == "__main__":

@@ -1572,11 +1572,20 @@ extern "C" __global__ void __launch_bounds__(1024) greedy_rows(const float* logi
     const int t = threadIdx.x, lane = t & 31, warp = t >> 5, nw = blockDim.x / 32;
     __shared__ float bv[32], red[32];
     __shared__ int bi[32];
+    // both passes read the row in rounds of GR loads a thread, all issued before the first
+    // is used (a loop of one load at a time waits a round trip per 1024 logits); a thread
+    // still sees its logits in index order, so the picks and sums are as before
+    constexpr int GR = 8;
+    const int T = blockDim.x;
     float best = -INFINITY;
     int at = 0x7fffffff;
-    for (int j = t; j < vocab; j += blockDim.x) {
-        const float x = l[j];
-        if (x > best) best = x, at = j;
+    for (int j0 = t; j0 < vocab; j0 += GR * T) {
+        float x[GR];
+#pragma unroll
+        for (int k = 0; k < GR; ++k) x[k] = j0 + k * T < vocab ? l[j0 + k * T] : -INFINITY;
+#pragma unroll
+        for (int k = 0; k < GR; ++k)
+            if (x[k] > best) best = x[k], at = j0 + k * T;
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
@@ -1591,7 +1600,14 @@ extern "C" __global__ void __launch_bounds__(1024) greedy_rows(const float* logi
     for (int w = 1; w < nw; ++w)
         if (bv[w] > best || (bv[w] == best && bi[w] < at)) best = bv[w], at = bi[w];
     float s = 0.f;
-    for (int j = t; j < vocab; j += blockDim.x) s += expf(l[j] - best);
+    for (int j0 = t; j0 < vocab; j0 += GR * T) {
+        float x[GR];
+#pragma unroll
+        for (int k = 0; k < GR; ++k) x[k] = j0 + k * T < vocab ? l[j0 + k * T] : -INFINITY;
+#pragma unroll
+        for (int k = 0; k < GR; ++k)
+            if (j0 + k * T < vocab) s += expf(x[k] - best);
+    }
     s = warp_sum(s);
     if (lane == 0) red[warp] = s;
     __syncthreads();

@@ -123,7 +123,8 @@ class Variant:
         self.splits = int(next((f[13:] for f in flags if f.startswith("-DATT_SPLITS=")), "16"))
         self.split_threads = int(next((f[16:] for f in flags if f.startswith("-DSPLIT_THREADS=")), "128"))
         self.wpr = int(next((f[6:] for f in flags if f.startswith("-DWPR=")), "1"))
-        self.warps = int(next((f[8:] for f in flags if f.startswith("-DWARPS=")), "8"))
+        m = re.search(r"#define WARPS (\d+)", open(src).read())
+        self.warps = int(next((f[8:] for f in flags if f.startswith("-DWARPS=")), m.group(1) if m else "8"))
         m = re.search(r"^#define GQA_THREADS (\d+)", open(src).read(), re.M)
         self.gqa_threads = int(next((f[14:] for f in flags if f.startswith("-DGQA_THREADS=")),
                                     m.group(1) if m else "256"))
@@ -442,6 +443,37 @@ def time_graph(stream, graph, reps=30):
     return statistics.median(ts)
 
 
+def save_trace(v, m, graph, stream, stem):
+    """One replay of `graph` with the trace buffer emptied first (experiments/trace.py)."""
+    try:
+        n_ptr = v.mod.get_global_var("trace_n")
+    except Exception:  # not a traced build
+        return
+    buf_ptr = v.mod.get_global_var("trace_buf")
+
+    def dev(ptr, shape, dtype):  # get_global_var gives an address
+        if not isinstance(ptr, int):
+            return cp.ndarray(shape, dtype, ptr)
+        mem = cp.cuda.UnownedMemory(ptr, int(np.prod(shape)) * np.dtype(dtype).itemsize, None)
+        return cp.ndarray(shape, dtype, cp.cuda.MemoryPointer(mem, 0))
+
+    dev(n_ptr, (1,), cp.uint32).fill(0)
+    cp.cuda.runtime.deviceSynchronize()
+    graph.launch(stream)
+    stream.synchronize()
+    n = min(int(dev(n_ptr, (1,), cp.uint32).get()[0]), 65536)
+    recs = dev(buf_ptr, (n, 8), cp.uint64).get()
+    names = {}
+    for li, lay in enumerate(m.layers):
+        for k in ["qkv", "o", "gate_up", "down"]:
+            names[lay[k][0].data.ptr] = f"{k}{li}"
+        names[lay["k"].data.ptr] = f"att{li}"
+    names[m.lm_head[0].data.ptr] = "lm_head"
+    np.save(stem + ".npy", recs)
+    with open(stem + ".json", "w") as f:
+        json.dump({str(k): v2 for k, v2 in names.items()}, f)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("variants", nargs="+")
@@ -451,6 +483,8 @@ def main():
     ap.add_argument("--json", default="kernels.json", help="file name under --out")
     ap.add_argument("--no-kernels", action="store_true", help="only the whole step, no per-kernel times")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
+    ap.add_argument("--trace", action="store_true",
+                    help="variants built by experiments/trace.py: save one step's kernel timeline")
     ap.add_argument("--once", action="store_true",
                     help="launch one step of each variant once, without graphs (for a profiler), and stop")
     args = ap.parse_args()
@@ -518,6 +552,8 @@ def main():
                         if label in wbytes or label == "lm_head":
                             b = m.lm_head[0].nbytes if label == "lm_head" else wbytes[label]
                             row.setdefault("kernel_GBps", {})[label] = round(b / tk / 1e9, 1)
+                    if args.trace:
+                        save_trace(v, m, g, stream, os.path.join(args.out, f"trace-{v.name}-{qt}-{nb}"))
                     results.append(row)
                     print(json.dumps(row), flush=True)
     with open(os.path.join(args.out, args.json), "w") as f:

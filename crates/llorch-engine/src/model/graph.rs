@@ -55,7 +55,7 @@ const MM_FROM: usize = 16;
 /// `MM_ROWS`), query heads per KV head that `attention_group` holds (`ATT_GMAX`), the
 /// position chunks and their least size and the threads of `attention_split`
 /// (`ATT_SPLITS`, `ATT_CHUNK`, `SPLIT_THREADS`).
-const WARPS: usize = 8;
+const WARPS: usize = 16;
 const MM_WARPS: usize = 8;
 const MM_ROWS: usize = 16;
 const ATT_GMAX: usize = 8;

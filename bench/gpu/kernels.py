@@ -22,8 +22,11 @@ three; `half` caps them at half of that (tried: slower); `gqa` gives every batch
 kernel (`bench/gpu/experiments/persistent-step.patch`) and `pair` fuses two products a kernel
 (`experiments/pair-kernels.patch`), `smemNN` stages the products' weights in NN KiB of shared
 memory before the wait (`experiments/smem-staging.patch`), `l2pfN` makes each product prefetch
-the weights of the product N after it into L2 (`experiments/l2-prefetch.patch`): all tried
-and slower. `-DATT_SPLITS=N` sizes the attention grids. The step ends with `greedy_rows`
+the weights of the product N after it into L2 (`experiments/l2-prefetch.patch`), `hc` has
+split attention poll per-head counters of QKV rows instead of waiting
+(`experiments/qkv-head-counters.patch`, with `-DHC2=1` its second form): all tried and
+slower. `--trace` saves one step's per-block timeline from a file made by
+`experiments/trace.py make`. `-DATT_SPLITS=N` sizes the attention grids. The step ends with `greedy_rows`
 where the file has it; its picks are compared with the first variant's too. Variants
 must take the current
 `MvArgs`; files with `XQ_STEP` / `ATT_PF` get the shared memory those ask for. `--once` launches one step per variant without graphs, for a profiler (ncu).
@@ -71,7 +74,7 @@ class Mv(ctypes.Structure):
                 ["w", "x", "norm_next", "xn", "bias", "y", "part", "n", "row_bytes"]] + \
                [("rows", ctypes.c_int), ("k", ctypes.c_int), ("ldy", ctypes.c_int),
                 ("mode", ctypes.c_int), ("eps", ctypes.c_float), ("parts", ctypes.c_int), ("norm_in", ctypes.c_uint64),
-                ("pf", ctypes.c_uint64), ("pf_bytes", ctypes.c_uint64)]
+                ("pf", ctypes.c_uint64), ("pf_bytes", ctypes.c_uint64), ("ready", ctypes.c_uint64)]
 
 
 class Variant:
@@ -89,6 +92,8 @@ class Variant:
         self.mega = "mega" in flags
         # `gqa`: small batches' attention a block per (KV head, chunk), `attention_gqa_<hd>`
         self.gqa = "gqa" in flags
+        self.hc = "hc" in flags  # experiments/qkv-head-counters.patch: attention polls per-head counters
+        self.hc2 = "-DHC2=1" in flags  # counters per query and KV head and layer, zeroed at the step's start
         # `pair`: output projection + gate/up and down + next QKV (or LM head) as one kernel
         # each, with a grid barrier between (`mv2_<type>_<rg|rp><nb>`)
         self.pair = "pair" in flags
@@ -99,7 +104,7 @@ class Variant:
         # it into L2 (at most `l2capMM` MB of them, default 32; whole steps only)
         self.l2pf = next((int(f[4:]) for f in flags if re.fullmatch(r"l2pf\d+", f)), 0)
         self.l2cap = next((int(f[5:]) for f in flags if re.fullmatch(r"l2cap\d+", f)), 32) << 20
-        flags = [f for f in flags if f not in ("mm", "pdl", "persist", "half", "mega", "gqa", "pair")
+        flags = [f for f in flags if f not in ("mm", "pdl", "persist", "half", "mega", "gqa", "pair", "hc")
                  and not re.fullmatch(r"(smem|l2pf|l2cap)\d+", f)]
         cubin = os.path.join(out_dir, f"{name}.cubin")
         cmd = ["nvcc", "--cubin", "-O3", "-arch=sm_90", "-Xptxas", "-v", *flags, "-o", cubin, src]
@@ -213,6 +218,7 @@ class Model:
         self.act, self.logits, self.part = f(MAXB * I), f(MAXB * VOCAB), f(MAXB * H * 8)
         self.att_part = f(MAXB * HEADS * 16 * (HD + 2))
         self.att_counter = cp.zeros(MAXB * HEADS, dtype=cp.uint32)
+        self.head_ready = cp.zeros(L * MAXB * (HEADS + KVH), dtype=cp.uint32)
         self.picks = cp.zeros(2 * MAXB, dtype=cp.int32)
         self.bar = cp.zeros(64, dtype=cp.uint32)
         p = np.zeros(3 * MAXB + 1, dtype=np.int32)
@@ -360,14 +366,21 @@ def step_launches(v, m, nb, only=None):
         check(cuda.cuFuncSetAttribute(ctypes.c_void_p(att.ptr), 8, geo[2]), "cuFuncSetAttribute")
     if v.pair and nb < v.mm_from and v._has(f"mv2_{qt}_rg{nb}"):
         return pair_launches(v, m, nb, out, att, geo, att_extra, pos, slot, n, only)
+    if v.hc2:
+        out.insert(0, ("memset", None, None, None, None, [m.head_ready.data.ptr, m.head_ready.size]))
     for li, lay in enumerate(m.layers):
         nxt = m.layers[li + 1]["attn_norm"] if li + 1 < L else m.out_norm
-        out.append(("qkv", *mv_args(v, m, qt, 0, nb, *lay["qkv"], QKV, H, m.xn, m.qkv, QKV,
-                                    norm_in=lay["attn_norm"])))
+        hc = v.hc and att_extra and not v.gqa
+        q = mv_args(v, m, qt, 0, nb, *lay["qkv"], QKV, H, m.xn, m.qkv, QKV, norm_in=lay["attn_norm"])
+        hc_buf = m.head_ready.data.ptr + (4 * li * MAXB * (HEADS + KVH) if v.hc2 else 0)
+        if hc:
+            q[4][0].ready = hc_buf
+        out.append(("qkv", *q))
         out.append(("attention", att, *geo,
                     [p(m.qkv), ctypes.c_int(QKV), p(m.att), p(lay["k"]), p(lay["v"]), ctypes.c_int(HEADS),
                      ctypes.c_int(KVH), ctypes.c_int(CAP), p(m.inv_freq), ctypes.c_int(0), pos, slot, n,
-                     ctypes.c_float(HD ** -0.5), ctypes.c_int(1)] + att_extra))  # write_kv (ignored by older kernels)
+                     ctypes.c_float(HD ** -0.5), ctypes.c_int(1)] + att_extra  # write_kv (ignored by older kernels)
+                    + ([ctypes.c_uint64(hc_buf)] if hc else [])))
         out.append(("o", *mv_args(v, m, qt, 1, nb, *lay["o"], H, HEADS * HD, m.att, m.x, H, lay["ffn_norm"])))
         norm_after(v, nb, out)
         out.append(("gate_up", *mv_args(v, m, qt, 2, nb, *lay["gate_up"], I, H, m.xn, m.act, I,
@@ -541,7 +554,8 @@ def main():
                            "finite": finite, "kernels_us": {}}
                     if v._has("greedy_rows"):  # token and log-probability bits as the first's
                         row["picks_same"] = bool((picks[: 2 * min(nb, 8)] == ref_picks[: 2 * min(nb, 8)]).all())
-                    for label in [] if args.no_kernels else ["embed", "qkv", "attention", "o", "gate_up", "down", "lm_head", "greedy"]:
+                    # (hc: attention alone would wait for QKV rows forever)
+                    for label in [] if args.no_kernels or v.hc else ["embed", "qkv", "attention", "o", "gate_up", "down", "lm_head", "greedy"]:
                         ls = step_launches(v, m, nb, only=label)
                         if not ls:
                             continue

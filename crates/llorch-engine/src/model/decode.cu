@@ -297,9 +297,6 @@ __device__ __forceinline__ bool load32(const uint8_t* row, int k, int g, int lan
 
 __device__ __forceinline__ u32 pack16(int a, int b) { return (u32)(a & 0xFFFF) | ((u32)b << 16); }
 
-// With `norm_in` the rows are RMS-normed: the norm's weights multiply x before rounding and
-// the row's 1 / rms goes to `rs`, for the kernel to scale its sums with (the normed copy is
-// never written: no extra pass over the rows, no last block that waits for the others).
 // The norm weights of the thread's first item, loaded before the wait: they are constant,
 // and read after it every block's 8 KB of them queued behind the inputs at L2 (H100 batch
 // 1: QKV 4.16 -> 3.89 us, gate/up 7.03 -> 6.66, LM head 16.0 -> 14.8; `kernels-npre-log.txt`).
@@ -324,6 +321,9 @@ __device__ __forceinline__ void norm_pre(const MvArgs& a, int n, int ng, NormPre
     }
 }
 
+// With `norm_in` the rows are RMS-normed: the norm's weights multiply x before rounding and
+// the row's 1 / rms goes to `rs`, for the kernel to scale its sums with (the normed copy is
+// never written: no extra pass over the rows, no last block that waits for the others).
 template <int QT, int NB>
 __device__ void quantize_x(const MvArgs& a, int n, int ng, uint8_t* sm, float* rs, const NormPre& np) {
     constexpr int X = Layout<QT>::X;

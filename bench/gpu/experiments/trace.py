@@ -52,8 +52,8 @@ def make(src, dst):
                      "    const unsigned long long T0 = gtime();\n"
                      "    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;\n", 1)
     mv2 = mv2.replace("    pdl_wait();\n", "    pdl_wait();\n    const unsigned long long T1 = gtime();\n", 1)
-    mv2 = mv2.replace("    quantize_x<QT, NB>(a, n, ng, xq, rs);\n",
-                      "    quantize_x<QT, NB>(a, n, ng, xq, rs);\n    const unsigned long long T2 = gtime();\n", 1)
+    qx = re.search(r"    quantize_x<QT, NB>\([^;]*\);\n", mv2).group(0)
+    mv2 = mv2.replace(qx, qx + "    const unsigned long long T2 = gtime();\n", 1)
     assert mv2.endswith("    }\n}\n"), mv2[-40:]
     mv2 = mv2[:-2] + ("    __syncthreads();\n"
                       "    if (threadIdx.x == 0) trace_rec((unsigned long long)a.w, 0, T0, T1, T2, gtime());\n}\n")

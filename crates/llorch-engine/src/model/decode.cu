@@ -1605,6 +1605,14 @@ extern "C" __global__ void __launch_bounds__(256) norm_rows_f32(MvArgs a) {
     norm_rows(a);
 }
 
+// Logits j0, j0 + T, ... (N of them, -inf past the vocabulary), all loads issued before the
+// first is used.
+template <int N>
+__device__ __forceinline__ void load_round(float (&x)[N], const float* l, int j0, int T, int vocab) {
+#pragma unroll
+    for (int k = 0; k < N; ++k) x[k] = j0 + k * T < vocab ? l[j0 + k * T] : -INFINITY;
+}
+
 // Greedy pick of each row: the first index of the largest logit and its log-probability
 // under the softmax (the sampler's greedy path, on the device: a step then downloads 8
 // bytes a sequence instead of its logits). A block per row.
@@ -1628,15 +1636,13 @@ extern "C" __global__ void __launch_bounds__(1024) greedy_rows(const float* logi
     float first[GR];
     float best = -INFINITY;
     int at = 0x7fffffff;
-#pragma unroll
-    for (int k = 0; k < GR; ++k) first[k] = t + k * T < vocab ? l[t + k * T] : -INFINITY;
+    load_round<GR>(first, l, t, T, vocab);
 #pragma unroll
     for (int k = 0; k < GR; ++k)
         if (first[k] > best) best = first[k], at = t + k * T;
     for (int j0 = t + GR * T; j0 < vocab; j0 += GR2 * T) {
         float x[GR2];
-#pragma unroll
-        for (int k = 0; k < GR2; ++k) x[k] = j0 + k * T < vocab ? l[j0 + k * T] : -INFINITY;
+        load_round<GR2>(x, l, j0, T, vocab);
 #pragma unroll
         for (int k = 0; k < GR2; ++k)
             if (x[k] > best) best = x[k], at = j0 + k * T;
@@ -1659,8 +1665,7 @@ extern "C" __global__ void __launch_bounds__(1024) greedy_rows(const float* logi
         if (t + k * T < vocab) s += expf(first[k] - best);
     for (int j0 = t + GR * T; j0 < vocab; j0 += GR2 * T) {
         float x[GR2];
-#pragma unroll
-        for (int k = 0; k < GR2; ++k) x[k] = j0 + k * T < vocab ? l[j0 + k * T] : -INFINITY;
+        load_round<GR2>(x, l, j0, T, vocab);
 #pragma unroll
         for (int k = 0; k < GR2; ++k)
             if (j0 + k * T < vocab) s += expf(x[k] - best);

@@ -22,7 +22,9 @@ three; `half` caps them at half of that (tried: slower); `gqa` gives every batch
 kernel (`bench/gpu/experiments/persistent-step.patch`) and `pair` fuses two products a kernel
 (`experiments/pair-kernels.patch`), `smemNN` stages the products' weights in NN KiB of shared
 memory before the wait (`experiments/smem-staging.patch`), `l2pfN` makes each product prefetch
-the weights of the product N after it into L2 (`experiments/l2-prefetch.patch`), `hc` has
+the weights of the product N after it into L2 (`experiments/l2-prefetch.patch`; with
+`experiments/l2-ahead.patch` applied, `-DPF_ROWS=N -DPF_AT=0|1` has each warp prefetch its own
+later rows after / before the wait), `hc` has
 split attention poll per-head counters of QKV rows instead of waiting
 (`experiments/qkv-head-counters.patch`, with `-DHC2=1` its second form): all tried and
 slower. `--trace` saves one step's per-block timeline from a file made by

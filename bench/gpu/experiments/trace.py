@@ -3,8 +3,9 @@
 `python3 trace.py make SRC.cu OUT.cu` writes a copy of decode.cu whose batch-1..8 products
 (`matvec`) and split attention record, per block: entry, (products) just before the wait,
 the wait's return, inputs ready (products: rounded into shared memory), the end
-(attention: before its counter, and the combining block's end). `kernels.py --trace` replays a step of such a file once and saves
-the records (`trace-<variant>-<type>-<batch>.npy`); `python3 trace.py show FILE.npy` prints
+(attention: before its counter, and the combining block's end). `kernels.py --trace`
+replays a step of such a file once and saves the records
+(`trace-<variant>-<type>-<batch>.npy`); `python3 trace.py show FILE.npy` prints
 per kernel of the step: when its first block started, when the wait returned (first/last
 block), inputs ready, its last block's end, relative to the step's start, and the gaps;
 `show FILE.npy NAME,...` adds, for the named kernels (e.g. `o3,gate_up3`), the median and

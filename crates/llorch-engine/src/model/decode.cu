@@ -1533,10 +1533,12 @@ __device__ void attention_group(const float* qkv, int ldq, float* out, float* kc
     MV(mv_##TAG##_p##NB, QT, NB, MODE_PLAIN)    \
     MV(mv_##TAG##_r##NB, QT, NB, MODE_RESID)    \
     MV(mv_##TAG##_g##NB, QT, NB, MODE_GLU)
-// The tensor-core kernels let the next kernel launch only as their blocks end: their grids
-// run in waves (gate/up at 32 rows: 352 blocks, the LM head 2,000), and a kernel launched
-// early parks its blocks at the wait on the SMs the later waves need (H100, `kernels.py`
-// Q4_K step: 16 rows 3.33 -> 2.78-2.81 ms, 32 rows 3.85 -> 3.58; `kernels-late-log.txt`).
+// The tensor-core kernels let the next kernel launch only as their blocks end. Launched
+// early, the next kernel's blocks sat beside the last of these many-block grids (gate/up at
+// 32 rows: 352 blocks, the LM head 2,000; several blocks an SM) and the step was slower than
+// with no early launch at all (H100, `kernels.py` Q4_K step: 16 rows 3.33 ms, without PDL
+// 2.85, launched at the end 2.78-2.81; 32 rows 3.85 / 3.65 / 3.58; `kernels-late-log.txt`).
+// Which shared resource the waiting blocks took was not measured.
 #define MM(NAME, QT, NB, MODE)                                                \
     extern "C" __global__ void __launch_bounds__(MM_WARPS * 32) NAME(MvArgs a) { \
         pdl_wait_only();                                                      \

@@ -28,7 +28,7 @@
 //! Candle path. `LLORCH_CUDA_GRAPH=0` turns it off. A step's kernels after the first are
 //! launched with programmatic dependent launch (Hopper and later; a no-op before), so each
 //! one's launch and weight loads overlap the tail of the one before (after a tensor-core
-//! product, whose grid runs in waves, only its end: `MM` in `decode.cu`).
+//! product, only at its end: measured faster, `MM` in `decode.cu`).
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -306,6 +306,24 @@ __device__ __forceinline__ bool load32(const uint8_t* row, int k, int g, int lan
 
 __device__ __forceinline__ u32 pack16(int a, int b) { return (u32)(a & 0xFFFF) | ((u32)b << 16); }
 
+// Item `rem` of a row's rounding (step, lane, half: 16 columns with one scale): whether the
+// row has it and its first column.
+template <int QT>
+__device__ __forceinline__ bool item_col(int rem, int k, int& c) {
+    const int g = rem >> 6, lane = (rem >> 1) & 31, h = rem & 1;
+    if (!lane_has<QT>(k, g, lane)) return false;
+    c = col0<QT>(g, lane) + h * Layout<QT>::X;
+    return true;
+}
+
+__device__ __forceinline__ void load16(const float* p, float (&v)[16]) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+        const float4 q = *(const float4*)(p + 4 * e);
+        v[4 * e] = q.x, v[4 * e + 1] = q.y, v[4 * e + 2] = q.z, v[4 * e + 3] = q.w;
+    }
+}
+
 // The norm weights of the thread's first item, loaded before the wait: they are constant,
 // and read after it every block's 8 KB of them queued behind the inputs at L2 (H100 batch
 // 1: QKV 4.16 -> 3.89 us, gate/up 7.03 -> 6.66, LM head 16.0 -> 14.8; `kernels-npre-log.txt`).
@@ -317,17 +335,12 @@ struct NormPre {
 };
 template <int QT>
 __device__ __forceinline__ void norm_pre(const MvArgs& a, int n, int ng, NormPre& p) {
-    constexpr int X = Layout<QT>::X;
-    const int per = ng * 64, rem = threadIdx.x % per, g = rem >> 6, lane = (rem >> 1) & 31, h = rem & 1;
+    const int per = ng * 64, rem = threadIdx.x % per;
+    int c;
     p.rem = -1;
-    if (!a.norm_in || (int)threadIdx.x >= n * per || !lane_has<QT>(a.k, g, lane)) return;
+    if (!a.norm_in || (int)threadIdx.x >= n * per || !item_col<QT>(rem, a.k, c)) return;
     p.rem = rem;
-    const float* gp = a.norm_in + col0<QT>(g, lane) + h * X;
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-        const float4 w = *(const float4*)(gp + 4 * e);
-        p.w[4 * e] = w.x, p.w[4 * e + 1] = w.y, p.w[4 * e + 2] = w.z, p.w[4 * e + 3] = w.w;
-    }
+    load16(a.norm_in + c, p.w);
 }
 
 // With `norm_in` the rows are RMS-normed: the norm's weights multiply x before rounding and
@@ -335,23 +348,18 @@ __device__ __forceinline__ void norm_pre(const MvArgs& a, int n, int ng, NormPre
 // never written: no extra pass over the rows, no last block that waits for the others).
 template <int QT, int NB>
 __device__ void quantize_x(const MvArgs& a, int n, int ng, uint8_t* sm, float* rs, const NormPre& np) {
-    constexpr int X = Layout<QT>::X;
     const int per = ng * 64;  // (step, lane, half)
     float ss[NB];  // this thread's sums of squares per row
 #pragma unroll
     for (int i = 0; i < NB; ++i) ss[i] = 0.f;
     for (int idx = threadIdx.x; idx < n * per; idx += blockDim.x) {
         const int i = idx / per, rem = idx - i * per, g = rem >> 6, lane = (rem >> 1) & 31, h = rem & 1;
-        if (!lane_has<QT>(a.k, g, lane)) continue;
-        const float* xp = a.x + (size_t)i * a.k + col0<QT>(g, lane) + h * X;
+        int c;
+        if (!item_col<QT>(rem, a.k, c)) continue;
         float v[16];
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const float4 p = *(const float4*)(xp + 4 * e);
-            v[4 * e] = p.x, v[4 * e + 1] = p.y, v[4 * e + 2] = p.z, v[4 * e + 3] = p.w;
-        }
+        load16(a.x + (size_t)i * a.k + c, v);
         if (a.norm_in) {
-            const float* gp = a.norm_in + col0<QT>(g, lane) + h * X;
+            const float* gp = a.norm_in + c;
             float s2 = 0.f;
             const bool pre = rem == np.rem;
 #pragma unroll

@@ -28,7 +28,8 @@ later rows after / before the wait), `hc` has
 split attention poll per-head counters of QKV rows instead of waiting
 (`experiments/qkv-head-counters.patch`, with `-DHC2=1` its second form): all tried and
 slower. `--trace` saves one step's per-block timeline from a file made by
-`experiments/trace.py make`. `-DATT_SPLITS=N` sizes the attention grids. The step ends with `greedy_rows`
+`experiments/trace.py make`. `-DATT_SPLITS=N` sizes the attention grids, `-DMM_WARPS_R=N` the tensor-core residual products' blocks
+(`experiments/mm-wide-blocks.patch`: `-DMM_RB_P|R|G=N` their output rows a block). The step ends with `greedy_rows`
 where the file has it; its picks are compared with the first variant's too. Variants
 must take the current
 `MvArgs`; files with `XQ_STEP` / `ATT_PF` get the shared memory those ask for. `--once` launches one step per variant without graphs, for a profiler (ncu).
@@ -132,6 +133,19 @@ class Variant:
         self.wpr = int(next((f[6:] for f in flags if f.startswith("-DWPR=")), "1"))
         m = re.search(r"#define WARPS (\d+)", open(src).read())
         self.warps = int(next((f[8:] for f in flags if f.startswith("-DWARPS=")), m.group(1) if m else "8"))
+        # warps per block of the tensor-core kernels: plain and SwiGLU, residual
+        m = re.search(r"^#define MM_WARPS (\d+)", open(src).read(), re.M)
+        mw = int(m.group(1)) if m else 8
+        m = re.search(r"^#define MM_WARPS_R (\d+)", open(src).read(), re.M)
+        mr = int(next((f[13:] for f in flags if f.startswith("-DMM_WARPS_R=")), m.group(1) if m else mw))
+        self.mm_warps = [mw, mr, mw]
+        # output rows per block of the tensor-core kernels by mode, where the file lets them
+        # vary (`experiments/mm-wide-blocks.patch`: -DMM_RB_P= / _R= / _G=)
+        self.mm_rows = []
+        for md in "PRG":
+            m = re.search(rf"^#define MM_RB_{md} (\d+)", open(src).read(), re.M)
+            self.mm_rows.append(int(next((f[10:] for f in flags if f.startswith(f"-DMM_RB_{md}=")),
+                                         m.group(1) if m else "16")))
         m = re.search(r"^#define GQA_THREADS (\d+)", open(src).read(), re.M)
         self.gqa_threads = int(next((f[14:] for f in flags if f.startswith("-DGQA_THREADS=")),
                                     m.group(1) if m else "256"))
@@ -147,7 +161,7 @@ class Variant:
         """(function, rows of output per block, threads per block)"""
         m = "prg"[mode]
         if self.mm and nb >= self.mm_from:
-            return self.mod.get_function(f"mm_{qt}_{m}{nb}"), 16, 256
+            return self.mod.get_function(f"mm_{qt}_{m}{nb}"), self.mm_rows[mode], 32 * self.mm_warps[mode]
         if self.split:
             return self.mod.get_function(f"mv_{qt}_{m}{nb}"), self.warps, self.warps * 32
         if self.new:

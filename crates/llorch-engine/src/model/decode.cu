@@ -714,11 +714,20 @@ __device__ __forceinline__ void mma16816(float* c, const u32* a, u32 b0, u32 b1)
 }
 
 #define MM_WARPS 8  // warps per block, each summing every MM_WARPS-th 64-column group
+// The same, residual products (output projection, down): their 2,048 rows make 128 blocks,
+// fewer than the SMs, so 8 warps left each SM 8 warps. H100, `kernels.py` Q4_K: 16 rows
+// 2.86 -> 2.49 ms a step, 32 rows 3.57 -> 2.96 together with the SwiGLU bound below
+// (`kernels-mmtune-log.txt`).
+#ifndef MM_WARPS_R
+#define MM_WARPS_R 16
+#endif
+template <int MODE> struct MmWarps { static constexpr int v = MODE == MODE_RESID ? MM_WARPS_R : MM_WARPS; };
 #define MM_ROWS 16  // output rows per block (two 8-row tiles; SwiGLU: and their up rows)
 
 template <int QT, int NB, int MODE>
 __device__ void matmul(const MvArgs& a) {
     constexpr bool glu = MODE == MODE_GLU;
+    constexpr int NW = MmWarps<MODE>::v;
     constexpr int MT = (NB + 15) / 16;  // 16-sequence tiles
     constexpr int NT = glu ? 4 : 2;     // 8-row weight tiles
     const int n = *a.n;
@@ -739,7 +748,7 @@ __device__ void matmul(const MvArgs& a) {
             for (int e = 0; e < 4; ++e) acc[m][j][e] = 0.f;
     // split over the warps along k: short chains of dependent loads per warp, many in flight
     const int groups = a.k / 64;
-    for (int G = warp; G < groups; G += MM_WARPS) {
+    for (int G = warp; G < groups; G += NW) {
         u32 w[NT][8], wl[NT][MM_SPLIT ? 8 : 1];
 #pragma unroll
         for (int j = 0; j < NT; ++j) mm_group<QT>(rows[j], G, t, w[j], wl[j]);
@@ -768,7 +777,7 @@ __device__ void matmul(const MvArgs& a) {
         }
     }
     // the warps' partial tiles, summed in a fixed order (deterministic)
-    __shared__ float red[MM_WARPS][MT * NT * 4][32];
+    __shared__ float red[NW][MT * NT * 4][32];
     __shared__ float outs[32][MM_ROWS];  // RESID: outputs, for the sums of squares
 #pragma unroll
     for (int m = 0; m < MT; ++m)
@@ -783,7 +792,7 @@ __device__ void matmul(const MvArgs& a) {
         const int ql = q & 31, e = (q >> 5) & 3, m = q >> 8, j = (q >> 7) & 1;
         float v = 0.f, v2 = 0.f;
 #pragma unroll
-        for (int w = 0; w < MM_WARPS; ++w) {
+        for (int w = 0; w < NW; ++w) {
             v += red[w][(m * NT + j) * 4 + e][ql];
             if (glu) v2 += red[w][(m * NT + j + 2) * 4 + e][ql];
         }
@@ -1547,8 +1556,13 @@ __device__ void attention_group(const float* qkv, int ldq, float* out, float* kc
 // with no early launch at all (H100, `kernels.py` Q4_K step: 16 rows 3.33 ms, without PDL
 // 2.85, launched at the end 2.78-2.81; 32 rows 3.85 / 3.65 / 3.58; `kernels-late-log.txt`).
 // Which shared resource the waiting blocks took was not measured.
+// SwiGLU at 32 sequences: registers for two blocks an SM (128, a few bytes spilled) instead
+// of the compiler's 139 (one block: 8 warps an SM). H100, `kernels.py` Q4_K: gate/up 56.2 ->
+// 40.7 us, the step 3.57 -> 3.20 ms (`kernels-mmtune-log.txt`). The other modes and 16
+// sequences were slower with any bound tried (`kernels-minb-log.txt`).
+#define MM_MINB(NB, MODE) ((MODE) == MODE_GLU && (NB) > 16 ? 2 : 0)
 #define MM(NAME, QT, NB, MODE)                                                \
-    extern "C" __global__ void __launch_bounds__(MM_WARPS * 32) NAME(MvArgs a) { \
+    extern "C" __global__ void __launch_bounds__(MmWarps<MODE>::v * 32, MM_MINB(NB, MODE)) NAME(MvArgs a) { \
         pdl_wait_only();                                                      \
         matmul<QT, NB, MODE>(a);                                              \
         pdl_launch();                                                         \

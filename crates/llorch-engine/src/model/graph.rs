@@ -58,6 +58,8 @@ const MM_FROM: usize = 16;
 /// (`ATT_SPLITS`, `ATT_CHUNK`, `SPLIT_THREADS`).
 const WARPS: usize = 16;
 const MM_WARPS: usize = 8;
+/// Warps per block of the tensor-core residual products (`MM_WARPS_R`).
+const MM_WARPS_R: usize = 16;
 const MM_ROWS: usize = 16;
 const ATT_GMAX: usize = 8;
 const ATT_SPLITS: usize = 16;
@@ -759,7 +761,12 @@ impl GraphDecoder {
             _ => "g",
         };
         let (kind, rows_per_block, threads) = if nb >= MM_FROM {
-            ("mm", MM_ROWS, MM_WARPS * 32)
+            let warps = if a.mode == MODE_RESID {
+                MM_WARPS_R
+            } else {
+                MM_WARPS
+            };
+            ("mm", MM_ROWS, warps * 32)
         } else {
             ("mv", WARPS, WARPS * 32)
         };

@@ -715,9 +715,9 @@ __device__ __forceinline__ void mma16816(float* c, const u32* a, u32 b0, u32 b1)
 
 #define MM_WARPS 8  // warps per block, each summing every MM_WARPS-th 64-column group
 // The same, residual products (output projection, down): their 2,048 rows make 128 blocks,
-// fewer than the SMs, so 8 warps left each SM 8 warps. H100, `kernels.py` Q4_K: 16 rows
-// 2.86 -> 2.49 ms a step, 32 rows 3.57 -> 2.96 together with the SwiGLU bound below
-// (`kernels-mmtune-log.txt`).
+// fewer than the SMs, so with 8-warp blocks each SM held only 8 warps. H100, `kernels.py`
+// Q4_K: 16 rows 2.86 -> 2.49 ms a step, 32 rows 3.57 -> 2.96 together with the SwiGLU bound
+// below (`kernels-mmtune-log.txt`).
 #ifndef MM_WARPS_R
 #define MM_WARPS_R 16
 #endif
@@ -1558,8 +1558,8 @@ __device__ void attention_group(const float* qkv, int ldq, float* out, float* kc
 // Which shared resource the waiting blocks took was not measured.
 // SwiGLU at 32 sequences: registers for two blocks an SM (128, a few bytes spilled) instead
 // of the compiler's 139 (one block: 8 warps an SM). H100, `kernels.py` Q4_K: gate/up 56.2 ->
-// 40.7 us, the step 3.57 -> 3.20 ms (`kernels-mmtune-log.txt`). The other modes and 16
-// sequences were slower with any bound tried (`kernels-minb-log.txt`).
+// 40.7 us, the step 3.57 -> 3.20 ms (`kernels-mmtune-log.txt`). Bounds for the plain
+// products and for 16 sequences made them slower (`kernels-minb-log.txt`).
 #define MM_MINB(NB, MODE) ((MODE) == MODE_GLU && (NB) > 16 ? 2 : 0)
 #define MM(NAME, QT, NB, MODE)                                                \
     extern "C" __global__ void __launch_bounds__(MmWarps<MODE>::v * 32, MM_MINB(NB, MODE)) NAME(MvArgs a) { \

@@ -28,7 +28,7 @@ later rows after / before the wait), `hc` has
 split attention poll per-head counters of QKV rows instead of waiting
 (`experiments/qkv-head-counters.patch`, with `-DHC2=1` its second form): all tried and
 slower. `--trace` saves one step's per-block timeline from a file made by
-`experiments/trace.py make`. `-DATT_SPLITS=N` sizes the attention grids, `-DMM_WARPS_R=N` the tensor-core residual products' blocks
+`experiments/trace.py make`. `-DATT_SPLITS=N` sizes the attention grids, `-DMM_WARPS_R=N` / `-DMM_WARPS=N` the tensor-core residual / other products' blocks
 (`experiments/mm-wide-blocks.patch`: `-DMM_RB_P|R|G=N` their output rows a block). The step ends with `greedy_rows`
 where the file has it; its picks are compared with the first variant's too. Variants
 must take the current
@@ -135,7 +135,7 @@ class Variant:
         self.warps = int(next((f[8:] for f in flags if f.startswith("-DWARPS=")), m.group(1) if m else "8"))
         # warps per block of the tensor-core kernels: plain and SwiGLU, residual
         m = re.search(r"^#define MM_WARPS (\d+)", open(src).read(), re.M)
-        mw = int(m.group(1)) if m else 8
+        mw = int(next((f[11:] for f in flags if f.startswith("-DMM_WARPS=")), m.group(1) if m else "8"))
         m = re.search(r"^#define MM_WARPS_R (\d+)", open(src).read(), re.M)
         mr = int(next((f[13:] for f in flags if f.startswith("-DMM_WARPS_R=")), m.group(1) if m else mw))
         self.mm_warps = [mw, mr, mw]

@@ -713,7 +713,9 @@ __device__ __forceinline__ void mma16816(float* c, const u32* a, u32 b0, u32 b1)
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+#ifndef MM_WARPS
 #define MM_WARPS 8  // warps per block, each summing every MM_WARPS-th 64-column group
+#endif
 // The same, residual products (output projection, down): their 2,048 rows make 128 blocks,
 // fewer than the SMs, so with 8-warp blocks each SM held only 8 warps. H100, `kernels.py`
 // Q4_K: 16 rows 2.86 -> 2.49 ms a step, 32 rows 3.57 -> 2.96 together with the SwiGLU bound

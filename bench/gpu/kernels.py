@@ -82,6 +82,14 @@ class Mv(ctypes.Structure):
                 ("pf", ctypes.c_uint64), ("pf_bytes", ctypes.c_uint64), ("ready", ctypes.c_uint64)]
 
 
+def define_of(name, text, flags, default):
+    """A size the kernels take from `#define NAME N`: -DNAME=N in the variant's flags, else the
+    file's own #define, else `default` (files from before it existed)."""
+    flag = next((f.split("=", 1)[1] for f in flags if f.startswith(f"-D{name}=")), None)
+    m = re.search(rf"^#define {name} (\d+)", text, re.M)
+    return int(flag if flag is not None else m.group(1) if m else default)
+
+
 class Variant:
     def __init__(self, name, src, flags, out_dir):
         self.name = name
@@ -125,32 +133,21 @@ class Variant:
         self.split = self._has(f"attention_split_{HD}")
         # matrix-vector kernels that round their inputs into shared memory (bytes per
         # sequence and 1024-column step)
-        m = re.search(r"^#define XQ_STEP (\d+)", open(src).read(), re.M)
-        self.xq_step = int(m.group(1)) if m else 0
+        text = open(src).read()
+        self.xq_step = define_of("XQ_STEP", text, [], 0)
         # attention_split copying keys and values ahead into shared memory (floats of each)
-        m = re.search(r"^#define ATT_PF (\d+)", open(src).read(), re.M)
-        self.att_pf = int(next((f[9:] for f in flags if f.startswith("-DATT_PF=")), m.group(1) if m else "0"))
+        self.att_pf = define_of("ATT_PF", text, flags, 0)
         self.splits = int(next((f[13:] for f in flags if f.startswith("-DATT_SPLITS=")), "16"))
         self.split_threads = int(next((f[16:] for f in flags if f.startswith("-DSPLIT_THREADS=")), "128"))
         self.wpr = int(next((f[6:] for f in flags if f.startswith("-DWPR=")), "1"))
-        m = re.search(r"#define WARPS (\d+)", open(src).read())
-        self.warps = int(next((f[8:] for f in flags if f.startswith("-DWARPS=")), m.group(1) if m else "8"))
-        # warps per block of the tensor-core kernels: plain and SwiGLU, residual
-        m = re.search(r"^#define MM_WARPS (\d+)", open(src).read(), re.M)
-        mw = int(next((f[11:] for f in flags if f.startswith("-DMM_WARPS=")), m.group(1) if m else "8"))
-        m = re.search(r"^#define MM_WARPS_R (\d+)", open(src).read(), re.M)
-        mr = int(next((f[13:] for f in flags if f.startswith("-DMM_WARPS_R=")), m.group(1) if m else mw))
-        self.mm_warps = [mw, mr, mw]
-        # output rows per block of the tensor-core kernels by mode, where the file lets them
-        # vary (`experiments/mm-wide-blocks.patch`: -DMM_RB_P= / _R= / _G=)
-        self.mm_rows = []
-        for md in "PRG":
-            m = re.search(rf"^#define MM_RB_{md} (\d+)", open(src).read(), re.M)
-            self.mm_rows.append(int(next((f[10:] for f in flags if f.startswith(f"-DMM_RB_{md}=")),
-                                         m.group(1) if m else "16")))
-        m = re.search(r"^#define GQA_THREADS (\d+)", open(src).read(), re.M)
-        self.gqa_threads = int(next((f[14:] for f in flags if f.startswith("-DGQA_THREADS=")),
-                                    m.group(1) if m else "256"))
+        self.warps = define_of("WARPS", text, flags, 8)
+        # warps per block of the tensor-core kernels: plain, residual, SwiGLU
+        mw = define_of("MM_WARPS", text, flags, 8)
+        self.mm_warps = [mw, define_of("MM_WARPS_R", text, flags, mw), mw]
+        # their output rows per block, where the file lets them vary
+        # (`experiments/mm-wide-blocks.patch`: -DMM_RB_P= / _R= / _G=)
+        self.mm_rows = [define_of(f"MM_RB_{md}", text, flags, 16) for md in "PRG"]
+        self.gqa_threads = define_of("GQA_THREADS", text, flags, 256)
 
     def _has(self, fn):
         try:

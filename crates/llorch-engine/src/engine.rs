@@ -410,8 +410,13 @@ impl Scheduler {
 
     /// Waits for a request with nothing running; first logs the per-phase time of the steps
     /// since the last idle moment when `LLORCH_PROFILE` is set.
+    /// Without it the table is left alone: `llorch bench --profile` reads it after its runs
+    /// (emptied here, its report printed nothing).
     fn idle_recv(&self) -> std::result::Result<GenerationRequest, std::sync::mpsc::RecvError> {
-        let phases = crate::profile::report();
+        let phases = match std::env::var_os("LLORCH_PROFILE") {
+            Some(_) => crate::profile::report(),
+            None => Vec::new(),
+        };
         if !phases.is_empty() {
             for (phase, total, calls) in phases {
                 tracing::info!(

@@ -31,7 +31,7 @@ slower. `--trace` saves one step's per-block timeline from a file made by
 `experiments/trace.py make`. `-DATT_SPLITS=N` sizes the attention grids, `-DMM_WARPS_R=N` / `-DMM_WARPS=N` the tensor-core residual / other products' blocks
 (16 for the others does not compile as it is: SwiGLU's 32-sequence reduction would take 64 KB of
 shared memory; `experiments/mm-wide-blocks.patch`: `-DMM_RB_P|R|G=N` their output rows a block;
-`experiments/mm-int.patch`: `-DMM_INT=1`, Q4_K products on the weights' integers, not run yet). The step ends with `greedy_rows`
+`-DMM_INT=0`: Q4_K products on bf16-dequantized weights, as before the ninth session). The step ends with `greedy_rows`
 where the file has it; its picks are compared with the first variant's too. Variants
 must take the current
 `MvArgs`; files with `XQ_STEP` / `ATT_PF` get the shared memory those ask for. `--once` launches one step per variant without graphs, for a profiler (ncu).

@@ -68,18 +68,28 @@ rel = lambda x, y: math.sqrt(sum((p - q) ** 2 for p, q in zip(x, y)) / sum(q * q
 print(f"100-token prefill logits vs exact: CUDA (TF32) {rel(r['cuda'], r['exact']):.1e}, CPU quantized kernels {rel(r['cpu'], r['exact']):.1e}")
 PY
 
-step "same greedy outputs alone and batched (worker: 2, 4, 6, 12 and 28 at once, the graph's 2, 4, 8, 16 and 32 buckets)"
-$B/llorch-cuda --model $M/smollm2-q8_0.gguf --cuda-device 0 --port 8392 --max-batch 32 --ctx-size 1024 --kv-cache-mib 2048 &
-WP=$!
-for i in $(seq 1 300); do curl -sf localhost:8392/health >/dev/null && break; sleep 0.5; done
-python3 bench/gpu/same_outputs.py http://127.0.0.1:8392 2
+step "same greedy outputs alone and batched (worker: 2, 4, 6, 12 and 28 at once, the graph's 2, 4, 8, 16 and 32 buckets), and alone as without steps launched ahead"
+worker() {
+  "$@" --model $M/smollm2-q8_0.gguf --cuda-device 0 --port 8392 --max-batch 32 --ctx-size 1024 --kv-cache-mib 2048 &
+  WP=$!
+  for i in $(seq 1 300); do curl -sf localhost:8392/health >/dev/null && break; sleep 0.5; done
+}
+worker env LLORCH_DECODE_AHEAD=0 $B/llorch-cuda
+python3 bench/gpu/same_outputs.py http://127.0.0.1:8392 2 --save $M/alone-no-ahead.json
+kill $WP; wait $WP 2>/dev/null
+worker $B/llorch-cuda
+python3 bench/gpu/same_outputs.py http://127.0.0.1:8392 2 --against $M/alone-no-ahead.json
 python3 bench/gpu/same_outputs.py http://127.0.0.1:8392 4
 python3 bench/gpu/same_outputs.py http://127.0.0.1:8392 6
 python3 bench/gpu/same_outputs.py http://127.0.0.1:8392 12
 python3 bench/gpu/same_outputs.py http://127.0.0.1:8392 28
 kill $WP; wait $WP 2>/dev/null
 
-step "decode speed: graph vs Candle (512-token prompt, 128 tokens)"
+step "decode speed: graph vs Candle (512-token prompt, 128 tokens); graph without steps launched ahead"
+for f in tinyllama-q4km smollm2-q4_1; do
+  LLORCH_DECODE_AHEAD=0 $L bench --model $M/$f.gguf --cuda-device 0 --prompt-tokens 512 --tokens 128 --iterations 2 --warmup 1 \
+    --output-json $M/gb-$f-noahead.json 2>&1 | grep -E "^run" | tail -1 | sed "s/^/graph=1 ahead=0 $f: /"
+done
 for g in 1 0; do
   for f in tinyllama-q4km smollm2-q4_1; do
     LLORCH_CUDA_GRAPH=$g $L bench --model $M/$f.gguf --cuda-device 0 --prompt-tokens 512 --tokens 128 --iterations 2 --warmup 1 \

@@ -1,7 +1,9 @@
 """Greedy outputs of a worker on the GPU are the same alone and in a batch (graph buckets).
 
 Sends each prompt alone, then N requests at once (the prompts, then the first one again),
-and compares the texts. Usage: python3 same_outputs.py URL [N=12]
+and compares the texts. With --save FILE the texts alone are written to FILE; with
+--against FILE they must also equal FILE's (e.g. a worker with LLORCH_DECODE_AHEAD=0).
+Usage: python3 same_outputs.py URL [N=12] [--save FILE | --against FILE]
 """
 import json
 import sys
@@ -27,8 +29,27 @@ def complete(prompt):
         return json.load(r)["choices"][0]["text"]
 
 
+args = sys.argv[1:]
+opt = {}
+for flag in ("--save", "--against"):
+    if flag in args:
+        i = args.index(flag)
+        opt[flag] = args[i + 1]
+        del args[i:i + 2]
 alone = {p: complete(p) for p in PROMPTS}
-N = int(sys.argv[2]) if len(sys.argv) > 2 else 12  # 12: the 16-sequence bucket
+ref_ok = True
+if "--save" in opt:
+    with open(opt["--save"], "w") as f:
+        json.dump(alone, f)
+if "--against" in opt:
+    with open(opt["--against"]) as f:
+        ref = json.load(f)
+    diff = [p for p in PROMPTS if ref.get(p) != alone[p]]
+    ref_ok = not diff
+    print(json.dumps({"alone_vs_reference_same": len(PROMPTS) - len(diff), "of": len(PROMPTS)}))
+    for p in diff:
+        print("DIFF-REF", repr(p), repr(ref.get(p)), repr(alone[p]))
+N = int(args[1]) if len(args) > 1 else 12  # 12: the 16-sequence bucket
 # fewer than the prompts: the first N (6: the 8-sequence bucket)
 batch = PROMPTS[:N] if N < len(PROMPTS) else PROMPTS + [PROMPTS[0]] * (N - len(PROMPTS))
 out = [None] * len(batch)
@@ -46,4 +67,4 @@ print(json.dumps({"requests": len(batch), "same_as_alone": same}))
 for i, p in enumerate(batch):
     if out[i] != alone[p]:
         print("DIFF", repr(p), repr(alone[p]), repr(out[i]))
-sys.exit(0 if same == len(batch) else 1)
+sys.exit(0 if same == len(batch) and ref_ok else 1)

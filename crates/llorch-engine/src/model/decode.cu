@@ -1834,3 +1834,30 @@ extern "C" __global__ void __launch_bounds__(1024) greedy_rows(const float* logi
         out[2 * i + 1] = __float_as_int(l[pick] - best - logf(den));
     }
 }
+
+// The rows of a step launched before the host has seen the picks of the one before
+// (`GraphDecoder::step`: the host's ~50 us a token between steps then overlaps the GPU's
+// step). Row i of the next step continues row `map.row[i]` of the step just run: its token
+// is that row's greedy pick, at the next position, in the same slot. `params` is the step's
+// tokens, positions and slots (`stride` each) and the row count. One thread: at most 32
+// rows, read before any is written, so `map` may reorder them.
+struct RowMap {
+    unsigned char row[32];
+};
+extern "C" __global__ void advance_rows(int* params, int stride, const int* picks, RowMap map,
+                                        int n) {
+    if (threadIdx.x != 0 || blockIdx.x != 0) return;
+    int tok[32], pos[32], slot[32];
+    for (int i = 0; i < n; ++i) {
+        const int j = map.row[i];
+        tok[i] = picks[2 * j];
+        pos[i] = params[stride + j] + 1;
+        slot[i] = params[2 * stride + j];
+    }
+    for (int i = 0; i < n; ++i) {
+        params[i] = tok[i];
+        params[stride + i] = pos[i];
+        params[2 * stride + i] = slot[i];
+    }
+    params[3 * stride] = n;
+}

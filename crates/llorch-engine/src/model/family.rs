@@ -927,6 +927,11 @@ impl FamilyModel {
         }
         let n = ids.len();
         #[cfg(feature = "cuda")]
+        if let Some(g) = &self.graph {
+            // this forward writes to the KV pool outside the graph's steps
+            g.lock().unwrap_or_else(|e| e.into_inner()).drop_ahead();
+        }
+        #[cfg(feature = "cuda")]
         let fast_rows = self.attention_rows_setup(items, &positions)?;
         #[cfg(not(feature = "cuda"))]
         let fast_rows: Option<Tensor> = None;
@@ -1311,7 +1316,9 @@ impl FamilyModel {
             return Ok(None);
         }
         let t = profile::start();
-        let out = dec.step(&rows, want_logits)?;
+        // the next step may go ahead when this one is the whole forward and all greedy
+        let ahead = !want_logits && last.iter().all(Option::is_some);
+        let out = dec.step(&rows, want_logits, ahead)?;
         drop(dec);
         profile::stop("cuda_graph_step", t);
         let mut rest: Vec<BatchItem<'_>> = Vec::new();

@@ -34,8 +34,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use candle_core::cuda_backend::cudarc::driver::{
-    sys, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, DevicePtr, DriverError,
-    LaunchConfig,
+    sys, CudaEvent, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, DevicePtr,
+    DriverError, LaunchConfig, PinnedHostSlice,
 };
 use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -256,6 +256,21 @@ struct AttnRows {
     count: usize,
 }
 
+/// A step launched before the call that needs it: see [`GraphDecoder::step`].
+struct Ahead {
+    /// Its rows (token, position, slot): each continues a row of the step before with that
+    /// row's pick at the next position.
+    rows: Vec<(u32, usize, usize)>,
+    /// Which of [`GraphDecoder::host`] its picks are downloaded into.
+    host: usize,
+}
+
+/// `advance_rows`' row map (`RowMap` in decode.cu).
+#[repr(C)]
+struct RowMap {
+    row: [u8; MAX_BATCH],
+}
+
 /// What a step returns.
 pub struct StepOut {
     /// Each row's greedy pick: the first token of largest logit and its log-probability.
@@ -328,6 +343,13 @@ pub struct GraphDecoder {
     eager: bool,
     /// Largest bucket: [`MAX_BATCH`] where the tensor-core kernels apply, else `mv_max`.
     max_batch: usize,
+    /// Page-locked copies of a step's picks with an event recorded after each download:
+    /// two, so that a step launched ahead downloads into one while the host reads the other.
+    host: [(PinnedHostSlice<i32>, CudaEvent); 2],
+    /// The step launched ahead by the last call, if any.
+    ahead: Option<Ahead>,
+    /// `LLORCH_DECODE_AHEAD=0`: never launch a step ahead (to compare outputs and speed).
+    no_ahead: bool,
 }
 
 // SAFETY: the graph and module handles are only used behind the model's Mutex, one thread
@@ -462,6 +484,7 @@ impl GraphDecoder {
             format!("attention_gqa_{}", plan.head_dim),
             format!("kv_write_{}", plan.head_dim),
             "greedy_rows".into(),
+            "advance_rows".into(),
         ];
         if mm_ok {
             names.push(format!("attention_group_{}", plan.head_dim));
@@ -554,6 +577,13 @@ impl GraphDecoder {
             inv_freq: dptr(&buf.inv_freq, &stream),
             picks: dptr(&buf.picks, &stream),
         };
+        let pinned = || -> Result<(PinnedHostSlice<i32>, CudaEvent)> {
+            // SAFETY: written by a download before every read. Not write-combined: the host
+            // reads it.
+            let h = unsafe { ctx.alloc_pinned_with_flags::<i32>(2 * nb, 0) }.map_err(drv)?;
+            Ok((h, ctx.new_event(None).map_err(drv)?))
+        };
+        let host = [pinned()?, pinned()?];
         stream.synchronize().map_err(drv)?;
         let out_norm = ptr(&plan.out_norm, &stream)?;
         Ok(Self {
@@ -574,6 +604,9 @@ impl GraphDecoder {
             graphs: HashMap::new(),
             eager,
             max_batch: if mm_ok { MAX_BATCH } else { mv_max },
+            host,
+            ahead: None,
+            no_ahead: std::env::var("LLORCH_DECODE_AHEAD").is_ok_and(|v| v == "0"),
         })
     }
 
@@ -1054,75 +1087,244 @@ impl GraphDecoder {
     /// prompt tokens of a sequence at consecutive positions (rows of one sequence in
     /// position order). Returns each row's greedy pick and, with `logits`, all rows'
     /// logits (`[n * vocab]`).
-    pub fn step(&mut self, items: &[(u32, usize, usize)], logits: bool) -> Result<StepOut> {
+    ///
+    /// With `ahead` (the caller samples every row greedily and nothing else touches the KV
+    /// pool before its next call), when every row is its sequence's only one, the next step
+    /// is launched before this one's picks are read: its rows are these rows' continuations,
+    /// fed their picks on the device (`advance_rows`). The host's work between two steps
+    /// (sampling, detokenizing, streaming: ~50 us a token) then overlaps the GPU's next step
+    /// instead of leaving the GPU idle. A later call takes the picks of rows that match a
+    /// row launched ahead (same token, position and slot, its slot's only row) from that step
+    /// and runs the others; a step launched ahead that no call matches is wasted work, and
+    /// its cache writes lie beyond each sequence's end (or are overwritten by the sequence
+    /// that takes the slot next, in stream order; [`Self::drop_ahead`] orders Candle's path).
+    pub fn step(
+        &mut self,
+        items: &[(u32, usize, usize)],
+        logits: bool,
+        ahead: bool,
+    ) -> Result<StepOut> {
         let n = items.len();
-        let p = &self.plan;
         if n == 0 || n > self.max_batch {
             return Err(unsupported(format!("batch of {n}")));
         }
-        let mut params = vec![0i32; 3 * MAX_BATCH + 1];
-        let mut seen = vec![false; p.slots];
-        let mut prefill = false;
-        for (i, &(tok, pos, slot)) in items.iter().enumerate() {
+        let p = &self.plan;
+        for &(tok, pos, slot) in items {
             if tok as usize >= p.vocab || pos >= p.cap || slot >= p.slots {
                 return Err(unsupported(format!(
                     "token {tok} / position {pos} / slot {slot} out of range"
                 )));
             }
-            prefill |= std::mem::replace(&mut seen[slot], true);
-            params[i] = tok as i32;
-            params[MAX_BATCH + i] = pos as i32;
-            params[2 * MAX_BATCH + i] = slot as i32;
         }
-        params[3 * MAX_BATCH] = n as i32;
-        let nb = *BUCKETS
-            .iter()
-            .find(|&&b| b >= n && (b <= self.mv_max || b >= MM_FROM))
-            .unwrap_or(&MAX_BATCH);
-        self.stream.join(&self.candle).map_err(drv)?;
-        self.stream
-            .memcpy_htod(&params, &mut self.buf.params)
-            .map_err(drv)?;
-        if self.eager {
-            self.enqueue(nb, prefill)?;
-        } else {
-            if !self.graphs.contains_key(&(nb, prefill)) {
-                match self.capture(nb, prefill) {
-                    Ok(g) => {
-                        tracing::debug!(batch = nb, prefill, "captured a CUDA graph of a step");
-                        self.graphs.insert((nb, prefill), g);
-                    }
-                    Err(e) => {
-                        // the same kernels still run, launched one by one
-                        tracing::warn!(error = %e, "CUDA graph capture failed; launching eagerly");
-                        self.eager = true;
-                    }
+        let single = |slot: usize| items.iter().filter(|r| r.2 == slot).count() == 1;
+        // rows the step launched ahead computed: (row there) per row here
+        let pending = self.ahead.take();
+        let from_ahead: Vec<Option<usize>> = match &pending {
+            Some(a) if !logits => items
+                .iter()
+                .map(|r| {
+                    a.rows
+                        .iter()
+                        .position(|x| x == r)
+                        .filter(|_| single(r.2))
+                })
+                .collect(),
+            _ => vec![None; n],
+        };
+        let covered = from_ahead.iter().flatten().count();
+        let can_ahead = ahead
+            && !self.no_ahead
+            && !logits
+            && items.iter().all(|&(_, pos, slot)| pos + 1 < p.cap && single(slot));
+        if let (Some(a), true) = (&pending, covered == n) {
+            // every row was computed ahead: launch the next before reading these
+            let h = 1 - a.host;
+            let next = if can_ahead {
+                let mut map = RowMap {
+                    row: [0; MAX_BATCH],
+                };
+                for (i, j) in from_ahead.iter().enumerate() {
+                    map.row[i] = j.expect("every row covered") as u8;
                 }
+                self.launch_ahead(n, map, h)?;
+                true
+            } else {
+                false
+            };
+            let got = self.read_picks(a.host, a.rows.len())?;
+            let picks: Vec<(u32, f32)> = from_ahead.iter().map(|j| got[j.unwrap()]).collect();
+            if next {
+                self.set_ahead(items, &picks, h);
             }
-            match self.graphs.get(&(nb, prefill)) {
-                Some(g) if !self.eager => g.launch().map_err(drv)?,
-                _ => self.enqueue(nb, prefill)?,
-            }
+            return Ok(StepOut {
+                picks,
+                logits: None,
+            });
         }
-        let mut picks = vec![0i32; 2 * n];
-        self.stream
-            .memcpy_dtoh(&self.buf.picks.slice(..2 * n), &mut picks)
-            .map_err(drv)?;
-        let logits = if logits {
-            let v = self.plan.vocab;
-            let mut out = vec![0f32; n * v];
+        let early: Vec<Option<(u32, f32)>> = match &pending {
+            Some(a) if covered > 0 => {
+                let got = self.read_picks(a.host, a.rows.len())?;
+                from_ahead.iter().map(|j| j.map(|j| got[j])).collect()
+            }
+            _ => vec![None; n],
+        };
+        let rows: Vec<(u32, usize, usize)> = items
+            .iter()
+            .zip(&early)
+            .filter(|(_, e)| e.is_none())
+            .map(|(r, _)| *r)
+            .collect();
+        self.launch_rows(&rows)?;
+        let m = rows.len();
+        if covered == 0 && can_ahead {
             self.stream
-                .memcpy_dtoh(&self.buf.logits.slice(..n * v), &mut out)
+                .memcpy_dtoh(&self.buf.picks.slice(..2 * m), &mut self.host[0].0)
+                .map_err(drv)?;
+            self.host[0].1.record(&self.stream).map_err(drv)?;
+            let mut map = RowMap {
+                row: [0; MAX_BATCH],
+            };
+            for (i, r) in map.row.iter_mut().enumerate().take(n) {
+                *r = i as u8;
+            }
+            self.launch_ahead(n, map, 1)?;
+            let picks = self.read_picks(0, n)?;
+            self.set_ahead(items, &picks, 1);
+            return Ok(StepOut {
+                picks,
+                logits: None,
+            });
+        }
+        let mut got = vec![0i32; 2 * m];
+        self.stream
+            .memcpy_dtoh(&self.buf.picks.slice(..2 * m), &mut got)
+            .map_err(drv)?;
+        let v = self.plan.vocab;
+        let lg = if logits {
+            let mut out = vec![0f32; m * v];
+            self.stream
+                .memcpy_dtoh(&self.buf.logits.slice(..m * v), &mut out)
                 .map_err(drv)?;
             Some(out)
         } else {
             None
         };
         self.stream.synchronize().map_err(drv)?;
-        let picks = picks
+        let mut ran = got
+            .chunks_exact(2)
+            .map(|c| (c[0] as u32, f32::from_bits(c[1] as u32)));
+        let picks = early
+            .iter()
+            .map(|e| e.unwrap_or_else(|| ran.next().expect("a pick per row run")))
+            .collect();
+        // logits only run with no rows taken from ahead (`from_ahead` is empty then)
+        Ok(StepOut { picks, logits: lg })
+    }
+
+    /// Forgets the step launched ahead: Candle's path is about to write to the KV pool
+    /// (a slot may have changed hands, so its rows may no longer continue what it
+    /// computed). Candle's stream already waits for it ([`Self::launch_ahead`]).
+    pub fn drop_ahead(&mut self) {
+        self.ahead = None;
+    }
+
+    /// Uploads `rows` and launches their step (captured on a bucket's first use).
+    fn launch_rows(&mut self, rows: &[(u32, usize, usize)]) -> Result<()> {
+        let n = rows.len();
+        let mut params = vec![0i32; 3 * MAX_BATCH + 1];
+        let mut seen = vec![false; self.plan.slots];
+        let mut prefill = false;
+        for (i, &(tok, pos, slot)) in rows.iter().enumerate() {
+            prefill |= std::mem::replace(&mut seen[slot], true);
+            params[i] = tok as i32;
+            params[MAX_BATCH + i] = pos as i32;
+            params[2 * MAX_BATCH + i] = slot as i32;
+        }
+        params[3 * MAX_BATCH] = n as i32;
+        self.stream.join(&self.candle).map_err(drv)?;
+        self.stream
+            .memcpy_htod(&params, &mut self.buf.params)
+            .map_err(drv)?;
+        self.launch_bucket(n, prefill)
+    }
+
+    /// Launches the step of `n` rows whose parameters are on the device.
+    fn launch_bucket(&mut self, n: usize, prefill: bool) -> Result<()> {
+        let nb = *BUCKETS
+            .iter()
+            .find(|&&b| b >= n && (b <= self.mv_max || b >= MM_FROM))
+            .unwrap_or(&MAX_BATCH);
+        if self.eager {
+            return self.enqueue(nb, prefill);
+        }
+        if !self.graphs.contains_key(&(nb, prefill)) {
+            match self.capture(nb, prefill) {
+                Ok(g) => {
+                    tracing::debug!(batch = nb, prefill, "captured a CUDA graph of a step");
+                    self.graphs.insert((nb, prefill), g);
+                }
+                Err(e) => {
+                    // the same kernels still run, launched one by one
+                    tracing::warn!(error = %e, "CUDA graph capture failed; launching eagerly");
+                    self.eager = true;
+                }
+            }
+        }
+        match self.graphs.get(&(nb, prefill)) {
+            Some(g) if !self.eager => g.launch().map_err(drv),
+            _ => self.enqueue(nb, prefill),
+        }
+    }
+
+    /// Enqueues the step after the one just enqueued: row i continues that step's row
+    /// `map.row[i]` (`advance_rows`), picks downloaded into `host[h]`. Candle's stream
+    /// waits for it.
+    fn launch_ahead(&mut self, n: usize, map: RowMap, h: usize) -> Result<()> {
+        let f = &self.funcs["advance_rows"];
+        let cfg = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (stride, rows) = (MAX_BATCH as i32, n as i32);
+        let a = self.at;
+        // SAFETY: `advance_rows(int* params, int stride, const int* picks, RowMap map, int
+        // n)`: `params` holds 3 * MAX_BATCH + 1 ints, `picks` 2 * MAX_BATCH, map < n_before.
+        unsafe {
+            self.launch(
+                &self.stream,
+                f,
+                cfg,
+                false,
+                &mut params![&a.params, &stride, &a.picks, &map, &rows],
+            )
+        }?;
+        self.launch_bucket(n, false)?;
+        self.stream
+            .memcpy_dtoh(&self.buf.picks.slice(..2 * n), &mut self.host[h].0)
+            .map_err(drv)?;
+        self.host[h].1.record(&self.stream).map_err(drv)?;
+        self.candle.join(&self.stream).map_err(drv)
+    }
+
+    /// Records the step just launched ahead: `items` continued with their `picks`.
+    fn set_ahead(&mut self, items: &[(u32, usize, usize)], picks: &[(u32, f32)], h: usize) {
+        let rows = items
+            .iter()
+            .zip(picks)
+            .map(|(&(_, pos, slot), &(tok, _))| (tok, pos + 1, slot))
+            .collect();
+        self.ahead = Some(Ahead { rows, host: h });
+    }
+
+    /// Waits for the picks downloaded into `host[h]` and reads the first `n`.
+    fn read_picks(&self, h: usize, n: usize) -> Result<Vec<(u32, f32)>> {
+        let (pinned, done) = &self.host[h];
+        done.synchronize().map_err(drv)?;
+        let got = pinned.as_slice().map_err(drv)?;
+        Ok(got[..2 * n]
             .chunks_exact(2)
             .map(|c| (c[0] as u32, f32::from_bits(c[1] as u32)))
-            .collect();
-        Ok(StepOut { picks, logits })
+            .collect())
     }
 }

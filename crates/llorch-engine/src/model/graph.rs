@@ -29,6 +29,8 @@
 //! launched with programmatic dependent launch (Hopper and later; a no-op before), so each
 //! one's launch and weight loads overlap the tail of the one before (after a tensor-core
 //! product, only at its end: measured faster, `MM` in `decode.cu`).
+//! Greedy steps run one ahead: the next step is enqueued, fed this one's picks on the device,
+//! before the host reads them ([`GraphDecoder::step`]; `LLORCH_DECODE_AHEAD=0` turns it off).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -1122,12 +1124,7 @@ impl GraphDecoder {
         let from_ahead: Vec<Option<usize>> = match &pending {
             Some(a) if !logits => items
                 .iter()
-                .map(|r| {
-                    a.rows
-                        .iter()
-                        .position(|x| x == r)
-                        .filter(|_| single(r.2))
-                })
+                .map(|r| a.rows.iter().position(|x| x == r).filter(|_| single(r.2)))
                 .collect(),
             _ => vec![None; n],
         };
@@ -1135,7 +1132,9 @@ impl GraphDecoder {
         let can_ahead = ahead
             && !self.no_ahead
             && !logits
-            && items.iter().all(|&(_, pos, slot)| pos + 1 < p.cap && single(slot));
+            && items
+                .iter()
+                .all(|&(_, pos, slot)| pos + 1 < p.cap && single(slot));
         if let (Some(a), true) = (&pending, covered == n) {
             // every row was computed ahead: launch the next before reading these
             let h = 1 - a.host;

@@ -1118,23 +1118,15 @@ impl GraphDecoder {
                 )));
             }
         }
-        let single = |slot: usize| items.iter().filter(|r| r.2 == slot).count() == 1;
         // rows the step launched ahead computed: (row there) per row here
         let pending = self.ahead.take();
         let from_ahead: Vec<Option<usize>> = match &pending {
-            Some(a) if !logits => items
-                .iter()
-                .map(|r| a.rows.iter().position(|x| x == r).filter(|_| single(r.2)))
-                .collect(),
+            Some(a) if !logits => super::ahead::match_rows(&a.rows, items),
             _ => vec![None; n],
         };
         let covered = from_ahead.iter().flatten().count();
-        let can_ahead = ahead
-            && !self.no_ahead
-            && !logits
-            && items
-                .iter()
-                .all(|&(_, pos, slot)| pos + 1 < p.cap && single(slot));
+        let can_ahead =
+            ahead && !self.no_ahead && !logits && super::ahead::can_continue(items, p.cap);
         if let (Some(a), true) = (&pending, covered == n) {
             // every row was computed ahead: launch the next before reading these
             let h = 1 - a.host;
@@ -1308,11 +1300,7 @@ impl GraphDecoder {
 
     /// Records the step just launched ahead: `items` continued with their `picks`.
     fn set_ahead(&mut self, items: &[(u32, usize, usize)], picks: &[(u32, f32)], h: usize) {
-        let rows = items
-            .iter()
-            .zip(picks)
-            .map(|(&(_, pos, slot), &(tok, _))| (tok, pos + 1, slot))
-            .collect();
+        let rows = super::ahead::continued(items, picks);
         self.ahead = Some(Ahead { rows, host: h });
     }
 

@@ -2,6 +2,9 @@
 //! `general.architecture` / `config.json`'s `model_type`. The llama family runs on our
 //! batched forward ([`family`]); Phi-3 runs on Candle's single-sequence model.
 
+// used by the CUDA graph decoder only; compiled and tested on every build
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+mod ahead;
 pub mod family;
 #[cfg(feature = "cuda")]
 mod graph;

@@ -233,3 +233,45 @@ fn safetensors_folder_without_config_or_tokenizer_is_refused() {
         .to_string();
     assert!(e.contains("config.json is missing"), "{e}");
 }
+
+/// `llorch bench --profile` reads the engine's per-phase table after its runs. The engine
+/// goes idle between two requests (nothing running, waiting for the next): that must leave the
+/// table alone unless `LLORCH_PROFILE` asks for it to be logged and emptied there (it was
+/// emptied at every idle moment, so the bench's table came out empty).
+#[test]
+fn profile_table_outlives_the_engine_going_idle() {
+    if std::env::var_os("LLORCH_PROFILE").is_some() {
+        return; // the logged-and-emptied mode; not what this test is about
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), Arch::Llama, "q8_0");
+    llorch_engine::profile::enable(true);
+    let engine = common::engine(&path, 1);
+    let run = || {
+        generate_blocking(
+            &engine,
+            vec![1, 2, 3],
+            Some(4),
+            SamplingParams::default(),
+            vec![],
+            true,
+            |_, _| {},
+        )
+        .unwrap()
+    };
+    run();
+    // the second request is sent after the first ended: the engine went idle in between
+    run();
+    let steps = llorch_engine::profile::report()
+        .into_iter()
+        .find(|(phase, _, _)| *phase == "engine_step")
+        .map(|(_, _, calls)| calls)
+        .unwrap_or(0);
+    // 4 tokens each: a prompt step and 3 decode steps per request (more if another test of
+    // this binary runs an engine at the same time: the table is the process's)
+    assert!(
+        steps >= 8,
+        "{steps} steps in the table, want both requests' 8"
+    );
+    llorch_engine::profile::enable(false);
+}

@@ -26,8 +26,10 @@ the weights of the product N after it into L2 (`experiments/l2-prefetch.patch`; 
 `experiments/l2-ahead.patch` applied, `-DPF_ROWS=N -DPF_AT=0|1` has each warp prefetch its own
 later rows after / before the wait), `hc` has
 split attention poll per-head counters of QKV rows instead of waiting
-(`experiments/qkv-head-counters.patch`, with `-DHC2=1` its second form): all tried and
-slower. `--trace` saves one step's per-block timeline from a file made by
+(`experiments/qkv-head-counters.patch`, with `-DHC2=1` its second form), `fuseN` runs batch
+1's QKV product and attention as one kernel per KV head in clusters of N blocks
+(`experiments/qkv-attention-cluster.patch`; `nostage`: its weight rows read from global memory,
+`-DFUSED_PROBE=1|2`: timing probes): all tried and slower. `--trace` saves one step's per-block timeline from a file made by
 `experiments/trace.py make`. `-DATT_SPLITS=N` sizes the attention grids, `-DMM_WARPS_R=N` / `-DMM_WARPS=N` the tensor-core residual / other products' blocks
 (16 for the others does not compile as it is: SwiGLU's 32-sequence reduction would take 64 KB of
 shared memory; `experiments/mm-wide-blocks.patch`: `-DMM_RB_P|R|G=N` their output rows a block;
@@ -105,11 +107,21 @@ class Variant:
         self.mega = "mega" in flags
         # `gqa`: small batches' attention a block per (KV head, chunk), `attention_gqa_<hd>`
         self.gqa = "gqa" in flags
+        # `gqaall`: with `gqa`, `attention_gqa` at every batch (graph.rs before the tenth
+        # session: from 16 on a block per (KV head, sequence), `attention_group`)
+        self.gqaall = "gqaall" in flags
+        # `gqasN`: with `gqaall`, N chunks at most from 16 sequences on (the grid's x; a
+        # decode.cu whose attention_gqa sizes chunks by it)
+        self.gqas = next((int(f[4:]) for f in flags if re.fullmatch(r"gqas\d+", f)), 0)
         self.hc = "hc" in flags  # experiments/qkv-head-counters.patch: attention polls per-head counters
         self.hc2 = "-DHC2=1" in flags  # counters per query and KV head and layer, zeroed at the step's start
         # `pair`: output projection + gate/up and down + next QKV (or LM head) as one kernel
         # each, with a grid barrier between (`mv2_<type>_<rg|rp><nb>`)
         self.pair = "pair" in flags
+        # `fuseN`: batch 1's QKV product and attention as one kernel per KV head, a cluster
+        # of N blocks (`qkv_att_<hd>_s<steps>_<k|l>`)
+        self.fuse = next((int(f[4:]) for f in flags if re.fullmatch(r"fuse\d+", f)), 0)
+        self.nostage = "nostage" in flags
         # `smemNN`: matrix-vector kernels that copy their rows' weights into NN KiB of shared
         # memory before the wait (`mvs_<type>_<mode><nb>`, a block per SM)
         self.smem = next((int(f[4:]) for f in flags if re.fullmatch(r"smem\d+", f)), 0)
@@ -117,8 +129,8 @@ class Variant:
         # it into L2 (at most `l2capMM` MB of them, default 32; whole steps only)
         self.l2pf = next((int(f[4:]) for f in flags if re.fullmatch(r"l2pf\d+", f)), 0)
         self.l2cap = next((int(f[5:]) for f in flags if re.fullmatch(r"l2cap\d+", f)), 32) << 20
-        flags = [f for f in flags if f not in ("mm", "pdl", "persist", "half", "mega", "gqa", "pair", "hc")
-                 and not re.fullmatch(r"(smem|l2pf|l2cap)\d+", f)]
+        flags = [f for f in flags if f not in ("mm", "pdl", "persist", "half", "mega", "gqa", "gqaall", "pair", "hc", "nostage")
+                 and not re.fullmatch(r"(smem|l2pf|l2cap|fuse|gqas)\d+", f)]
         cubin = os.path.join(out_dir, f"{name}.cubin")
         cmd = ["nvcc", "--cubin", "-O3", "-arch=sm_90", "-Xptxas", "-v", *flags, "-o", cubin, src]
         r = subprocess.run(cmd, capture_output=True, text=True)
@@ -192,20 +204,44 @@ class LaunchConfig(ctypes.Structure):  # CUlaunchConfig
                 ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(LaunchAttr)), ("nattrs", ctypes.c_uint)]
 
 
+CLUSTER = {}  # function address -> blocks per thread-block cluster along x (`fuse`)
+
+
+class QkvSeg(ctypes.Structure):  # decode.cu `QkvSeg`
+    _fields_ = [("w", ctypes.c_uint64), ("bias", ctypes.c_uint64), ("row_bytes", ctypes.c_uint64),
+                ("rows", ctypes.c_int), ("qt", ctypes.c_int), ("off", ctypes.c_int), ("pad", ctypes.c_int)]
+
+
+class FusedArgs(ctypes.Structure):  # decode.cu `FusedArgs`
+    _fields_ = [("seg", QkvSeg * 3)] + \
+               [(f, ctypes.c_uint64) for f in ["x", "norm_in", "n", "out", "kc", "vc", "inv_freq", "pos", "slot"]] + \
+               [(f, ctypes.c_int) for f in ["nseg", "k", "heads", "kv_heads", "cap", "interleaved"]] + \
+               [("eps", ctypes.c_float), ("scale", ctypes.c_float), ("wsm_bytes", ctypes.c_int), ("pad", ctypes.c_int)]
+
+
+QT_ID = {"q4_0": 2, "q4_1": 3, "q5_0": 6, "q8_0": 8, "q4_k": 12, "q6_k": 14}
+
+
 def launch(fn, grid, block, smem, stream, args, pdl=False):
     if fn is None:  # a memset: args = [device address, 32-bit words]
         check(cuda.cuMemsetD32Async(ctypes.c_uint64(args[0]), ctypes.c_uint(0), ctypes.c_size_t(args[1]),
                                     ctypes.c_void_p(stream.ptr)), "cuMemsetD32Async")
         return
     arr = (ctypes.c_void_p * len(args))(*[ctypes.cast(ctypes.pointer(h), ctypes.c_void_p) for h in args])
-    if not pdl:
+    if not pdl and fn.ptr not in CLUSTER:
         check(cuda.cuLaunchKernel(ctypes.c_void_p(fn.ptr), *grid, *block, smem, ctypes.c_void_p(stream.ptr), arr,
                                   None), "cuLaunchKernel")
         return
-    attr = LaunchAttr(id=6)  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
-    attr.value[0] = 1
+    attrs = (LaunchAttr * 2)()
+    attrs[0].id = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+    attrs[0].value[0] = int(pdl)
+    na = 1
+    if fn.ptr in CLUSTER:
+        attrs[1].id = 4  # CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
+        attrs[1].value[0], attrs[1].value[1], attrs[1].value[2] = CLUSTER[fn.ptr], 1, 1
+        na = 2
     cfg = LaunchConfig((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), smem, ctypes.c_void_p(stream.ptr),
-                       ctypes.pointer(attr), 1)
+                       ctypes.cast(attrs, ctypes.POINTER(LaunchAttr)), na)
     check(cuda.cuLaunchKernelEx(ctypes.byref(cfg), ctypes.c_void_p(fn.ptr), arr, None), "cuLaunchKernelEx")
 
 
@@ -363,10 +399,11 @@ def step_launches(v, m, nb, only=None):
     att_extra = []
     if not v.new:
         att, geo = v.mod.get_function(f"attention_{HD}"), ((HEADS, nb, 1), (1024, 1, 1), 4 * CAP)
-    elif nb < v.mm_from and v.gqa:  # a block per (KV head, chunk of positions)
-        chunk = max(32, -(-CAP // v.splits))
+    elif (nb < v.mm_from or v.gqaall) and v.gqa:  # a block per (KV head, chunk of positions)
+        splits = v.gqas if v.gqas and nb >= v.mm_from else v.splits
+        chunk = max(32, -(-CAP // splits))
         smem = 4 * (HEADS // KVH) * ((chunk + 3) & ~3) + 2 * (v.att_pf // HD) * (HD + 4) * 4
-        att, geo = v.mod.get_function(f"attention_gqa_{HD}"), ((v.splits, KVH, nb), (v.gqa_threads, 1, 1), smem)
+        att, geo = v.mod.get_function(f"attention_gqa_{HD}"), ((splits, KVH, nb), (v.gqa_threads, 1, 1), smem)
         check(cuda.cuFuncSetAttribute(ctypes.c_void_p(att.ptr), 8, smem), "cuFuncSetAttribute")
         att_extra = [p(m.att_part), p(m.att_counter)]
     elif nb < v.mm_from and v.split:  # a block per (query head, chunk of positions)
@@ -383,8 +420,16 @@ def step_launches(v, m, nb, only=None):
         return pair_launches(v, m, nb, out, att, geo, att_extra, pos, slot, n, only)
     if v.hc2:
         out.insert(0, ("memset", None, None, None, None, [m.head_ready.data.ptr, m.head_ready.size]))
+    fused = v.fuse and nb == 1 and v._has(f"qkv_att_{HD}_s2_k")
     for li, lay in enumerate(m.layers):
         nxt = m.layers[li + 1]["attn_norm"] if li + 1 < L else m.out_norm
+        if fused:
+            out.append(("qkv", *fused_launch(v, m, lay)))
+            out.append(("o", *mv_args(v, m, qt, 1, nb, *lay["o"], H, HEADS * HD, m.att, m.x, H, lay["ffn_norm"])))
+            out.append(("gate_up", *mv_args(v, m, qt, 2, nb, *lay["gate_up"], I, H, m.xn, m.act, I,
+                                            norm_in=lay["ffn_norm"])))
+            out.append(("down", *mv_args(v, m, qt, 1, nb, *lay["down"], H, I, m.act, m.x, H, nxt)))
+            continue
         hc = v.hc and att_extra and not v.gqa
         q = mv_args(v, m, qt, 0, nb, *lay["qkv"], QKV, H, m.xn, m.qkv, QKV, norm_in=lay["attn_norm"])
         hc_buf = m.head_ready.data.ptr + (4 * li * MAXB * (HEADS + KVH) if v.hc2 else 0)
@@ -414,6 +459,32 @@ def step_launches(v, m, nb, only=None):
             a.pf, a.pf_bytes = nxt.w, min(nxt.wbytes, v.l2cap)
     out = [o for o in out if only is None or o[0] == only]
     return out
+
+
+def fused_launch(v, m, lay):
+    """Batch 1's QKV product and attention of one layer as one clustered kernel (`fuse`)."""
+    qt, c = m.qt, v.fuse
+    steps = (H + 1023) // 1024
+    fn = v.mod.get_function(f"qkv_att_{HD}_s{2 if steps <= 2 else 4}_{'k' if qt in ('q4_k', 'q6_k') else 'l'}")
+    CLUSTER[fn.ptr] = c
+    if c > 8:
+        check(cuda.cuFuncSetAttribute(ctypes.c_void_p(fn.ptr), 14, 1), "non-portable cluster size")
+    nch = -(-16 // c)
+    chunk_max = max(32, -(-CAP // 16))
+    smem = steps * v.xq_step + nch * 2 * 64 * (HD + 4) * 4 + 4 * ((chunk_max + 3) & ~3) * 4
+    # the block's weight rows staged in shared memory (`nostage`: read from global memory)
+    wsm = 0 if v.nostage else -(-(HEADS // KVH + 2) * HD // c) * lay["qkv"][1] + 48
+    smem += wsm
+    check(cuda.cuFuncSetAttribute(ctypes.c_void_p(fn.ptr), 8, smem), "cuFuncSetAttribute")
+    a = FusedArgs()
+    a.seg[0] = QkvSeg(w=lay["qkv"][0].data.ptr, bias=0, row_bytes=lay["qkv"][1], rows=QKV, qt=QT_ID[qt], off=0)
+    pa = m.params.data.ptr
+    a.x, a.norm_in, a.n, a.out = m.x.data.ptr, lay["attn_norm"].data.ptr, pa + 12 * MAXB, m.att.data.ptr
+    a.kc, a.vc, a.inv_freq, a.pos, a.slot = lay["k"].data.ptr, lay["v"].data.ptr, m.inv_freq.data.ptr, \
+        pa + 4 * MAXB, pa + 8 * MAXB
+    a.nseg, a.k, a.heads, a.kv_heads, a.cap, a.interleaved, a.eps, a.scale = 1, H, HEADS, KVH, CAP, 0, EPS, HD ** -0.5
+    a.wsm_bytes = wsm
+    return fn, (c, KVH, 1), (v.warps * 32, 1, 1), smem, [a]
 
 
 def pair_launches(v, m, nb, out, att, geo, att_extra, pos, slot, n, only):
@@ -541,6 +612,7 @@ def main():
         # (a sequence's inputs do not depend on the batch it runs in)
         ref = None
         for nb in [int(b) for b in args.batch.split(",")]:
+            first_bits = None
             for v in vs:
                 with stream:
                     m.params[3 * MAXB] = nb
@@ -560,13 +632,16 @@ def main():
                         if nb != 8:
                             sys.exit("put batch 8 first: it is the reference")
                         ref, ref_picks = logits, picks
+                    if first_bits is None:
+                        first_bits = logits
                     c = min(nb, 8) * VOCAB
                     err = float(np.linalg.norm(logits[:c] - ref[:c]) / max(np.linalg.norm(ref[:c]), 1e-30))
                     finite = bool(np.isfinite(logits).all())
                     t = time_graph(stream, g)
                     row = {"type": qt, "batch": nb, "variant": v.name, "step_ms": t * 1e3,
                            "tok_s": nb / t, "GBps": step_bytes / t / 1e9, "rel_l2_vs_first": err,
-                           "finite": finite, "kernels_us": {}}
+                           "finite": finite, "kernels_us": {},
+                           "bitwise_as_first": bool(np.array_equal(logits, first_bits))}
                     if v._has("greedy_rows"):  # token and log-probability bits as the first's
                         row["picks_same"] = bool((picks[: 2 * min(nb, 8)] == ref_picks[: 2 * min(nb, 8)]).all())
                     # (hc: attention alone would wait for QKV rows forever)
@@ -591,7 +666,7 @@ def main():
           ["embed", "qkv", "attention", "o", "gate_up", "down", "lm_head", "greedy"]))
     for r in results:
         print(f"{r['type']:5} {r['batch']:5} {r['variant']:16} {r['step_ms']:7.3f} {r['tok_s']:7.0f} {r['GBps']:6.0f}"
-              f"  {r['rel_l2_vs_first']:.1e}{'' if r['finite'] else ' NaN!'}{'' if r.get('picks_same', True) else ' picks!'} "
+              f"  {r['rel_l2_vs_first']:.1e}{'' if r['finite'] else ' NaN!'}{' =' if r['bitwise_as_first'] else ' !='}{'' if r.get('picks_same', True) else ' picks!'} "
               + " ".join(f"{r['kernels_us'].get(k, 0):8.2f}" for k in
                          ["embed", "qkv", "attention", "o", "gate_up", "down", "lm_head", "greedy"]))
 

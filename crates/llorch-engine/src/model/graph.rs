@@ -67,7 +67,7 @@ const ATT_GMAX: usize = 8;
 const ATT_SPLITS: usize = 16;
 const ATT_CHUNK: usize = 32;
 const SPLIT_THREADS: u32 = 128;
-/// Threads of `attention_gqa` (`GQA_THREADS`), which buckets 4 and 8 take: a block per
+/// Threads of `attention_gqa` (`GQA_THREADS`), which buckets 4, 8 and 16 take: a block per
 /// (KV head, chunk) reads the chunk once for its query heads. At 1 and 2 sequences the step
 /// is faster with a block per query head (`attention_split`, `bench/gpu/kernels.py`: Q4_K
 /// batch 1 0.635 vs 0.812 ms, batch 2 0.899 vs 0.974; batch 4 1.457 vs 1.372, batch 8 2.582
@@ -328,8 +328,9 @@ pub struct GraphDecoder {
     sms: u32,
     /// Largest matrix-vector bucket (1, 2, 4 or 8) whose inputs fit in shared memory.
     mv_max: usize,
-    /// Whether buckets 4 and 8 take `attention_gqa` (at most `ATT_GMAX` query heads per KV
-    /// head and its shared memory within bounds), else `attention_split`.
+    /// Whether buckets 4, 8 and 16 take `attention_gqa` (at most `ATT_GMAX` query heads per
+    /// KV head and its shared memory within bounds), else `attention_split` (4, 8) and
+    /// `attention_group` (16).
     gqa: bool,
     layers: Vec<LayerDev>,
     embed: Mat,
@@ -910,11 +911,14 @@ impl GraphDecoder {
             ..Default::default()
         };
         // a block per (query head, chunk of positions) up to 2 sequences (at 2 smaller
-        // blocks: `attention_split_small`), per (KV head, chunk) up to 8, or from MM_FROM
-        // sequences on a block per KV head
-        let split = nb < MM_FROM;
+        // blocks: `attention_split_small`), per (KV head, chunk) at 4, 8 and 16, and at 32
+        // a block per KV head. At 16 the chunked blocks pay, at 32 they do not (H100,
+        // `kernels.py` Q4_K step: 16 rows 2.328 -> 2.246 ms, 32 rows 2.906 -> 3.165;
+        // `kernels-gqaall-log.txt`).
+        let gqa = self.gqa && (4..=16).contains(&nb);
+        let split = nb < MM_FROM || gqa;
         let group = p.heads / p.kv_heads;
-        let (att_f, att_grid, att_threads, att_smem) = if split && nb >= 4 && self.gqa {
+        let (att_f, att_grid, att_threads, att_smem) = if gqa {
             (
                 &self.funcs[&format!("attention_gqa_{}", p.head_dim)],
                 (ATT_SPLITS as u32, p.kv_heads as u32, nb as u32),

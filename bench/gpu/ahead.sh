@@ -5,16 +5,7 @@
 # $OUT/ahead.jsonl (one row per level and round, labelled ahead=0 / ahead=1).
 #   bash bench/gpu/ahead.sh [ROUNDS=3]
 set -uo pipefail
-OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
-exec > >(tee "$OUT/ahead-log.txt") 2>&1
-B=$PWD/.devbin
-if [ -f $B/llorch.xz ]; then
-  mkdir -p /tmp/llorch-bin
-  for b in llorch llorch-cuda; do xz -dc $B/$b.xz > /tmp/llorch-bin/$b && chmod +x /tmp/llorch-bin/$b; done
-  B=/tmp/llorch-bin
-fi
-M=/tmp/llorch-gpu; mkdir -p $M
-export LLORCH_MODELS_DIR=$M RUST_LOG=warn
+source "$(dirname "$0")/common.sh" ahead-log.txt
 [ -f $M/tinyllama-q4km.gguf ] || $B/llorch synth --arch llama --preset tinyllama-1.1b --dtype q4_k_m --out $M/tinyllama-q4km.gguf --seed 1
 : > "$OUT/ahead.jsonl"
 for r in $(seq 1 "${1:-3}"); do

@@ -6,19 +6,7 @@
 # in run.sh. Writes $OUT/graph-log.txt and $OUT/graph.json.
 #   bash bench/gpu/graph.sh
 set -uo pipefail
-OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
-exec > >(tee "$OUT/graph-log.txt") 2>&1
-B=$PWD/.devbin
-if [ -f $B/llorch.xz ]; then
-  mkdir -p /tmp/llorch-bin
-  for b in llorch llorch-cuda; do
-    xz -dc $B/$b.xz > /tmp/llorch-bin/$b && chmod +x /tmp/llorch-bin/$b
-  done
-  B=/tmp/llorch-bin
-fi
-L=$B/llorch; M=/tmp/llorch-gpu; mkdir -p $M
-export LLORCH_MODELS_DIR=$M RUST_LOG=${RUST_LOG:-warn}
-step() { echo; echo "=== $* ($(date +%T))"; }
+source "$(dirname "$0")/common.sh" graph-log.txt
 step "synthetic models (seed 1)"
 [ -f $M/tinyllama-q4km.gguf ] || $L synth --arch llama --preset tinyllama-1.1b --dtype q4_k_m --out $M/tinyllama-q4km.gguf --seed 1
 [ -f $M/tinyllama-q6k.gguf ] || $L synth --arch llama --preset tinyllama-1.1b --dtype q6_k --out $M/tinyllama-q6k.gguf --seed 1

@@ -4,17 +4,7 @@
 # then copy); everything else is made here. Writes $OUT/log.txt and $OUT/summary.json.
 #   bash bench/gpu/run.sh
 set -uo pipefail
-OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
-exec > >(tee "$OUT/log.txt") 2>&1
-B=$PWD/.devbin
-if [ -f $B/llorch.xz ]; then   # carried compressed (the transfer limit is 64 MiB)
-  mkdir -p /tmp/llorch-bin
-  for b in llorch llorch-cuda; do xz -dc $B/$b.xz > /tmp/llorch-bin/$b && chmod +x /tmp/llorch-bin/$b; done
-  B=/tmp/llorch-bin
-fi
-L=$B/llorch; W=$B/llorch-cuda; M=/tmp/llorch-gpu; mkdir -p $M
-export LLORCH_MODELS_DIR=$M RUST_LOG=warn
-step() { echo; echo "=== $* ($(date +%T))"; }
+source "$(dirname "$0")/common.sh" log.txt
 step "machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'

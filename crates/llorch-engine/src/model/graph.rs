@@ -43,6 +43,7 @@ use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Storage, Tensor};
 
+use super::buckets::{attention_for, Attention};
 use crate::error::{EngineError, Result};
 
 static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/decode.fatbin"));
@@ -910,38 +911,33 @@ impl GraphDecoder {
             eps: p.eps,
             ..Default::default()
         };
-        // a block per (query head, chunk of positions) up to 2 sequences (at 2 smaller
-        // blocks: `attention_split_small`), per (KV head, chunk) at 4, 8 and 16, and at 32
-        // a block per KV head. At 16 the chunked blocks pay, at 32 they do not (H100,
-        // `kernels.py` Q4_K step: 16 rows 2.328 -> 2.246 ms, 32 rows 2.906 -> 3.165;
-        // `kernels-gqaall-log.txt`).
-        let gqa = self.gqa && (4..=16).contains(&nb);
-        let split = nb < MM_FROM || gqa;
+        // the bucket's attention kernel (`buckets::attention_for`: measured bucket by bucket)
+        let kind = attention_for(nb, self.gqa);
+        let split = kind.chunked();
         let group = p.heads / p.kv_heads;
-        let (att_f, att_grid, att_threads, att_smem) = if gqa {
-            (
+        let (att_f, att_grid, att_threads, att_smem) = match kind {
+            Attention::Gqa => (
                 &self.funcs[&format!("attention_gqa_{}", p.head_dim)],
                 (ATT_SPLITS as u32, p.kv_heads as u32, nb as u32),
                 GQA_THREADS,
                 split_smem(p.cap, p.head_dim, group, ATT_PF),
-            )
-        } else if split && nb == 2 {
-            (
+            ),
+            Attention::SplitSmall => (
                 &self.funcs[&format!("attention_split_small_{}", p.head_dim)],
                 (p.heads as u32, ATT_SPLITS as u32, nb as u32),
                 p.head_dim.max(64) as u32,
                 split_smem(p.cap, p.head_dim, 1, ATT_PF / 2),
-            )
-        } else if split {
-            (
+            ),
+            Attention::Split => (
                 &self.funcs[&format!("attention_split_{}", p.head_dim)],
                 (p.heads as u32, ATT_SPLITS as u32, nb as u32),
                 SPLIT_THREADS,
                 split_smem(p.cap, p.head_dim, 1, ATT_PF),
-            )
-        } else {
-            let f = &self.funcs[&format!("attention_group_{}", p.head_dim)];
-            (f, (p.kv_heads as u32, nb as u32, 1), 256, 4 * group * p.cap)
+            ),
+            Attention::Group => {
+                let f = &self.funcs[&format!("attention_group_{}", p.head_dim)];
+                (f, (p.kv_heads as u32, nb as u32, 1), 256, 4 * group * p.cap)
+            }
         };
         let write_kv = (!prefill) as i32;
         // up to 8 sequences the products that read the residual stream norm it themselves

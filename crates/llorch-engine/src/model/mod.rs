@@ -5,6 +5,8 @@
 // used by the CUDA graph decoder only; compiled and tested on every build
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 mod ahead;
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+mod buckets;
 pub mod family;
 #[cfg(feature = "cuda")]
 mod graph;

@@ -6,12 +6,12 @@
 #   bash bench/gpu/ahead.sh [ROUNDS=3]
 set -uo pipefail
 source "$(dirname "$0")/common.sh" ahead-log.txt
-[ -f $M/tinyllama-q4km.gguf ] || $B/llorch synth --arch llama --preset tinyllama-1.1b --dtype q4_k_m --out $M/tinyllama-q4km.gguf --seed 1
+[ -f $M/tinyllama-q4km.gguf ] || $L synth --arch llama --preset tinyllama-1.1b --dtype q4_k_m --out $M/tinyllama-q4km.gguf --seed 1
 : > "$OUT/ahead.jsonl"
 for r in $(seq 1 "${1:-3}"); do
   for a in 0 1; do
     echo "=== round $r, LLORCH_DECODE_AHEAD=$a ($(date +%T))"
-    LLORCH_DECODE_AHEAD=$a $B/llorch-cuda --model $M/tinyllama-q4km.gguf --cuda-device 0 --port 8393 --max-batch 32 \
+    LLORCH_DECODE_AHEAD=$a $W --model $M/tinyllama-q4km.gguf --cuda-device 0 --port 8393 --max-batch 32 \
       --max-queue 256 --ctx-size 2048 --kv-cache-mib 4096 &
     WP=$!
     for i in $(seq 1 600); do curl -sf localhost:8393/health >/dev/null && break; sleep 0.5; done

@@ -62,10 +62,10 @@ worker() {
   WP=$!
   for i in $(seq 1 300); do curl -sf localhost:8392/health >/dev/null && break; sleep 0.5; done
 }
-worker env LLORCH_DECODE_AHEAD=0 $B/llorch-cuda
+worker env LLORCH_DECODE_AHEAD=0 $W
 python3 bench/gpu/same_outputs.py http://127.0.0.1:8392 2 --save $M/alone-no-ahead.json
 kill $WP; wait $WP 2>/dev/null
-worker $B/llorch-cuda
+worker $W
 python3 bench/gpu/same_outputs.py http://127.0.0.1:8392 2 --against $M/alone-no-ahead.json
 python3 bench/gpu/same_outputs.py http://127.0.0.1:8392 4
 python3 bench/gpu/same_outputs.py http://127.0.0.1:8392 6

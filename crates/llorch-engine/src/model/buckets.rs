@@ -47,24 +47,27 @@ pub fn attention_for(nb: usize, gqa: bool) -> Attention {
 mod tests {
     use super::*;
 
+    /// The kernels of the buckets 1, 2, 4, 8, 16 and 32.
+    fn picks(gqa: bool) -> Vec<Attention> {
+        [1, 2, 4, 8, 16, 32]
+            .iter()
+            .map(|&nb| attention_for(nb, gqa))
+            .collect()
+    }
+
     #[test]
     fn buckets_take_the_measured_kernels() {
-        let picks: Vec<_> = [1, 2, 4, 8, 16, 32]
-            .iter()
-            .map(|&nb| attention_for(nb, true))
-            .collect();
         use Attention::*;
-        assert_eq!(picks, [Split, SplitSmall, Gqa, Gqa, Gqa, Group]);
+        assert_eq!(picks(true), [Split, SplitSmall, Gqa, Gqa, Gqa, Group]);
     }
 
     #[test]
     fn without_gqa_the_chunked_kernels_go_up_to_8_then_a_block_per_kv_head() {
-        let picks: Vec<_> = [1, 2, 4, 8, 16, 32]
-            .iter()
-            .map(|&nb| attention_for(nb, false))
-            .collect();
         use Attention::*;
-        assert_eq!(picks, [Split, SplitSmall, Split, Split, Group, Group]);
+        assert_eq!(
+            picks(false),
+            [Split, SplitSmall, Split, Split, Group, Group]
+        );
     }
 
     #[test]

@@ -122,6 +122,9 @@ class Variant:
         # of N blocks (`qkv_att_<hd>_s<steps>_<k|l>`)
         self.fuse = next((int(f[4:]) for f in flags if re.fullmatch(r"fuse\d+", f)), 0)
         self.nostage = "nostage" in flags
+        # `stream`: batch 1's layers as one persistent kernel streaming each block's rows of
+        # the weights into shared memory a layer ahead (`experiments/stream_step.cu`, Q4_K)
+        self.stream = "stream" in flags
         # `smemNN`: matrix-vector kernels that copy their rows' weights into NN KiB of shared
         # memory before the wait (`mvs_<type>_<mode><nb>`, a block per SM)
         self.smem = next((int(f[4:]) for f in flags if re.fullmatch(r"smem\d+", f)), 0)
@@ -129,7 +132,7 @@ class Variant:
         # it into L2 (at most `l2capMM` MB of them, default 32; whole steps only)
         self.l2pf = next((int(f[4:]) for f in flags if re.fullmatch(r"l2pf\d+", f)), 0)
         self.l2cap = next((int(f[5:]) for f in flags if re.fullmatch(r"l2cap\d+", f)), 32) << 20
-        flags = [f for f in flags if f not in ("mm", "pdl", "persist", "half", "mega", "gqa", "gqaall", "pair", "hc", "nostage")
+        flags = [f for f in flags if f not in ("mm", "pdl", "persist", "half", "mega", "gqa", "gqaall", "pair", "hc", "nostage", "stream")
                  and not re.fullmatch(r"(smem|l2pf|l2cap|fuse|gqas)\d+", f)]
         cubin = os.path.join(out_dir, f"{name}.cubin")
         cmd = ["nvcc", "--cubin", "-O3", "-arch=sm_90", "-Xptxas", "-v", *flags, "-o", cubin, src]
@@ -146,6 +149,9 @@ class Variant:
         # matrix-vector kernels that round their inputs into shared memory (bytes per
         # sequence and 1024-column step)
         text = open(src).read()
+        # an experiment file that includes decode.cu takes its sizes from it
+        for inc in re.findall(r'^#include "([^"]+\.cu)"', text, re.M):
+            text += open(os.path.join(os.path.dirname(src), inc)).read()
         self.xq_step = define_of("XQ_STEP", text, [], 0)
         # attention_split copying keys and values ahead into shared memory (floats of each)
         self.att_pf = define_of("ATT_PF", text, flags, 0)
@@ -384,9 +390,70 @@ def mega_launches(v, m, nb, fn):
             ("step", fn, (grid, 1, 1), (256, 1, 1), smem, [a])]
 
 
+class SLayer(ctypes.Structure):  # experiments/stream_step.cu `SLayer`
+    _fields_ = [(f, ctypes.c_uint64) for f in ["qkv", "o", "gate_up", "down", "attn_norm", "ffn_norm", "k", "v"]]
+
+
+class SArgs(ctypes.Structure):  # experiments/stream_step.cu `SArgs`
+    _fields_ = [(f, ctypes.c_uint64) for f in ["layers", "x", "qkv", "att", "act", "att_part", "att_counter", "bar",
+                                              "pos", "slot", "n", "inv_freq", "rb_qkv", "rb_o", "rb_gu",
+                                              "rb_down"]] + \
+               [(f, ctypes.c_int) for f in ["n_layers", "hidden", "heads", "kv_heads", "cap", "inter",
+                                            "interleaved"]] + \
+               [("eps", ctypes.c_float), ("scale", ctypes.c_float)] + \
+               [(f, ctypes.c_int) for f in ["off_o", "off_gu", "off_down", "off_xq", "off_att"]]
+
+
+def stream_launches(v, m, nb, fn):
+    """Batch 1 with `stream`: barrier counter zeroed, embedding, the 22 layers as one
+    persistent kernel (a block per SM), then the LM head and greedy kernels as usual."""
+    qt = m.qt
+    lw = (SLayer * L)()
+    for li, lay in enumerate(m.layers):
+        lw[li] = SLayer(qkv=lay["qkv"][0].data.ptr, o=lay["o"][0].data.ptr, gate_up=lay["gate_up"][0].data.ptr,
+                        down=lay["down"][0].data.ptr, attn_norm=lay["attn_norm"].data.ptr,
+                        ffn_norm=lay["ffn_norm"].data.ptr, k=lay["k"].data.ptr, v=lay["v"].data.ptr)
+    m.slw_dev = cp.asarray(np.frombuffer(bytes(lw), dtype=np.uint8))
+    rb = {k: m.layers[0][k][1] for k in ["qkv", "o", "gate_up", "down"]}
+    rmax = lambda rows: -(-rows // SMS)
+    off_o = rmax(QKV) * rb["qkv"]
+    off_gu = off_o + rmax(H) * rb["o"]
+    off_down = off_gu + 2 * rmax(I) * rb["gate_up"]
+    off_xq = off_down + rmax(H) * rb["down"]
+    off_att = off_xq + ((I + 1023) // 1024) * v.xq_step
+    smem = off_att + 4 * (HEADS // KVH) * 64
+    check(cuda.cuFuncSetAttribute(ctypes.c_void_p(fn.ptr), 8, smem), "cuFuncSetAttribute")
+    if resident_blocks(fn, v.warps * 32, smem) < SMS:
+        raise RuntimeError(f"stream kernel does not fit an SM ({smem} B of shared memory)")
+    pa = m.params.data.ptr
+    a = SArgs(layers=m.slw_dev.data.ptr, x=m.x.data.ptr, qkv=m.qkv.data.ptr, att=m.att.data.ptr,
+              act=m.act.data.ptr, att_part=m.att_part.data.ptr, att_counter=m.att_counter.data.ptr,
+              bar=m.bar.data.ptr, pos=pa + 4 * MAXB, slot=pa + 8 * MAXB, n=pa + 12 * MAXB,
+              inv_freq=m.inv_freq.data.ptr, rb_qkv=rb["qkv"], rb_o=rb["o"], rb_gu=rb["gate_up"],
+              rb_down=rb["down"], n_layers=L, hidden=H, heads=HEADS, kv_heads=KVH, cap=CAP, inter=I,
+              interleaved=0, eps=EPS, scale=HD ** -0.5, off_o=off_o, off_gu=off_gu, off_down=off_down,
+              off_xq=off_xq, off_att=off_att)
+    n = ctypes.c_uint64(pa + 4 * 3 * MAXB)
+    tok = ctypes.c_uint64(pa)
+    out = [("memset", None, None, None, None, [m.bar.data.ptr, 64]),
+           ("embed", v.mod.get_function(f"embed_{qt}"), (nb, 1, 1), (256, 1, 1), 0,
+            [p(m.embed[0]), ctypes.c_uint64(m.embed[1]), ctypes.c_int(H), tok, n, p(m.x), p(m.xn),
+             p(m.layers[0]["attn_norm"]), ctypes.c_float(EPS)]),
+           ("layers", fn, (SMS, 1, 1), (v.warps * 32, 1, 1), smem, [a]),
+           ("lm_head", *mv_args(v, m, qt, 0, nb, *m.lm_head, VOCAB, H, m.xn, m.logits, VOCAB,
+                                norm_in=m.out_norm))]
+    if v._has("greedy_rows"):
+        out.append(("greedy", v.mod.get_function("greedy_rows"), (nb, 1, 1), (1024, 1, 1), 0,
+                    [p(m.logits), ctypes.c_int(VOCAB), n, p(m.picks)]))
+    return out
+
+
 def step_launches(v, m, nb, only=None):
     """The step's launches as (label, fn, grid, block, smem, args)."""
     qt, out = m.qt, []
+    if v.stream and nb == 1 and v._has(f"sstep_{qt}_{HD}"):
+        out = stream_launches(v, m, nb, v.mod.get_function(f"sstep_{qt}_{HD}"))
+        return [o for o in out if only is None or o[0] == only]
     if v.mega and v._has(f"step_{qt}_{nb}_{HD}"):
         out = mega_launches(v, m, nb, v.mod.get_function(f"step_{qt}_{nb}_{HD}"))
         return [o for o in out if only is None or o[0] == only]

@@ -29,7 +29,10 @@ split attention poll per-head counters of QKV rows instead of waiting
 (`experiments/qkv-head-counters.patch`, with `-DHC2=1` its second form), `fuseN` runs batch
 1's QKV product and attention as one kernel per KV head in clusters of N blocks
 (`experiments/qkv-attention-cluster.patch`; `nostage`: its weight rows read from global memory,
-`-DFUSED_PROBE=1|2`: timing probes): all tried and slower. `--trace` saves one step's per-block timeline from a file made by
+`-DFUSED_PROBE=1|2`: timing probes), `stream` runs batch 1's layers as one persistent kernel
+streaming weights into shared memory (`experiments/stream_step.cu`), `mlp` batch 1's gate/up,
+SwiGLU and down as one kernel split over the intermediate columns (`experiments/mlp_fused.cu`,
+`-DMLP_NORED|NODOWN|NOSLAB`: timing probes): all tried and slower. `--trace` saves one step's per-block timeline from a file made by
 `experiments/trace.py make`. `-DATT_SPLITS=N` sizes the attention grids, `-DMM_WARPS_R=N` / `-DMM_WARPS=N` the tensor-core residual / other products' blocks
 (16 for the others does not compile as it is: SwiGLU's 32-sequence reduction would take 64 KB of
 shared memory; `experiments/mm-wide-blocks.patch`: `-DMM_RB_P|R|G=N` their output rows a block;
@@ -37,6 +40,9 @@ shared memory; `experiments/mm-wide-blocks.patch`: `-DMM_RB_P|R|G=N` their outpu
 where the file has it; its picks are compared with the first variant's too. Variants
 must take the current
 `MvArgs`; files with `XQ_STEP` / `ATT_PF` get the shared memory those ask for. `--once` launches one step per variant without graphs, for a profiler (ncu).
+`--prebuilt DIR` takes DIR/NAME.cubin instead of compiling variant NAME on the GPU machine (build
+them elsewhere with `nvcc --cubin -O3 -arch=sm_90 FLAGS -o DIR/NAME.cubin FILE.cu`: ~1 minute a
+variant there otherwise).
 """
 import argparse
 import ctypes
@@ -93,7 +99,7 @@ def define_of(name, text, flags, default):
 
 
 class Variant:
-    def __init__(self, name, src, flags, out_dir):
+    def __init__(self, name, src, flags, out_dir, prebuilt=None):
         self.name = name
         # pseudo-flags: `mm`: batches of 8 and more take the tensor-core kernels; `pdl`:
         # launches with programmatic dependent launch (as graph.rs does)
@@ -125,6 +131,9 @@ class Variant:
         # `stream`: batch 1's layers as one persistent kernel streaming each block's rows of
         # the weights into shared memory a layer ahead (`experiments/stream_step.cu`, Q4_K)
         self.stream = "stream" in flags
+        # `mlp`: batch 1's gate/up, SwiGLU and down as one kernel split over the intermediate
+        # columns (`experiments/mlp_fused.cu`, Q4_K; partial sums added with float atomics)
+        self.mlp = "mlp" in flags
         # `smemNN`: matrix-vector kernels that copy their rows' weights into NN KiB of shared
         # memory before the wait (`mvs_<type>_<mode><nb>`, a block per SM)
         self.smem = next((int(f[4:]) for f in flags if re.fullmatch(r"smem\d+", f)), 0)
@@ -132,14 +141,19 @@ class Variant:
         # it into L2 (at most `l2capMM` MB of them, default 32; whole steps only)
         self.l2pf = next((int(f[4:]) for f in flags if re.fullmatch(r"l2pf\d+", f)), 0)
         self.l2cap = next((int(f[5:]) for f in flags if re.fullmatch(r"l2cap\d+", f)), 32) << 20
-        flags = [f for f in flags if f not in ("mm", "pdl", "persist", "half", "mega", "gqa", "gqaall", "pair", "hc", "nostage", "stream")
+        flags = [f for f in flags if f not in ("mm", "pdl", "persist", "half", "mega", "gqa", "gqaall", "pair", "hc", "nostage", "stream", "mlp")
                  and not re.fullmatch(r"(smem|l2pf|l2cap|fuse|gqas)\d+", f)]
         cubin = os.path.join(out_dir, f"{name}.cubin")
         cmd = ["nvcc", "--cubin", "-O3", "-arch=sm_90", "-Xptxas", "-v", *flags, "-o", cubin, src]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode:
-            sys.exit(f"nvcc failed for {name}:\n{r.stderr}")
-        self.ptxas = r.stderr
+        if prebuilt and os.path.exists(os.path.join(prebuilt, f"{name}.cubin")):
+            # built elsewhere by the same command (`--prebuilt`): the GPU machine's time is scarce
+            cubin = os.path.join(prebuilt, f"{name}.cubin")
+            self.ptxas = f"prebuilt: {cubin}"
+        else:
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode:
+                sys.exit(f"nvcc failed for {name}:\n{r.stderr}")
+            self.ptxas = r.stderr
         self.mod = cp.cuda.function.Module()
         self.mod.load_file(cubin)
         self.new = self._has("mv_q4_k_p1")
@@ -448,6 +462,24 @@ def stream_launches(v, m, nb, fn):
     return out
 
 
+class MlpArgs(ctypes.Structure):  # experiments/mlp_fused.cu `MlpArgs`
+    _fields_ = [("down", ctypes.c_uint64), ("down_row_bytes", ctypes.c_uint64), ("read", ctypes.c_uint64),
+                ("gu", Mv)]
+
+
+def mlp_launch(v, m, lay, li):
+    """Batch 1's MLP of layer `li` as one kernel (`mlp`): a block per SM, the down product's
+    runs for the block's columns in shared memory; `read` is the layer's counter in `bar`."""
+    fn = v.mod.get_function(f"mlp_{m.qt}_1")
+    gu = mv_args(v, m, m.qt, 2, 1, *lay["gate_up"], I, H, m.xn, m.act, I, norm_in=lay["ffn_norm"])[4][0]
+    smem = ((H + 1023) // 1024) * v.xq_step + 5 * H * 16  # MLP_SLOTS runs of 16 bytes a down row
+    check(cuda.cuFuncSetAttribute(ctypes.c_void_p(fn.ptr), 8, smem), "cuFuncSetAttribute")
+    if resident_blocks(fn, v.warps * 32, smem) < SMS:
+        raise RuntimeError(f"mlp kernel does not fit an SM ({smem} B of shared memory)")
+    a = MlpArgs(down=lay["down"][0].data.ptr, down_row_bytes=lay["down"][1], read=m.bar.data.ptr + 4 * li, gu=gu)
+    return fn, (SMS, 1, 1), (v.warps * 32, 1, 1), smem, [a]
+
+
 def step_launches(v, m, nb, only=None):
     """The step's launches as (label, fn, grid, block, smem, args)."""
     qt, out = m.qt, []
@@ -487,6 +519,9 @@ def step_launches(v, m, nb, only=None):
         return pair_launches(v, m, nb, out, att, geo, att_extra, pos, slot, n, only)
     if v.hc2:
         out.insert(0, ("memset", None, None, None, None, [m.head_ready.data.ptr, m.head_ready.size]))
+    mlp = v.mlp and nb == 1 and v._has(f"mlp_{qt}_1")
+    if mlp:  # the layers' `read` counters
+        out.insert(0, ("memset", None, None, None, None, [m.bar.data.ptr, 64]))
     fused = v.fuse and nb == 1 and v._has(f"qkv_att_{HD}_s2_k")
     for li, lay in enumerate(m.layers):
         nxt = m.layers[li + 1]["attn_norm"] if li + 1 < L else m.out_norm
@@ -510,6 +545,9 @@ def step_launches(v, m, nb, only=None):
                     + ([ctypes.c_uint64(hc_buf)] if hc else [])))
         out.append(("o", *mv_args(v, m, qt, 1, nb, *lay["o"], H, HEADS * HD, m.att, m.x, H, lay["ffn_norm"])))
         norm_after(v, nb, out)
+        if mlp:
+            out.append(("gate_up", *mlp_launch(v, m, lay, li)))
+            continue
         out.append(("gate_up", *mv_args(v, m, qt, 2, nb, *lay["gate_up"], I, H, m.xn, m.act, I,
                                         norm_in=lay["ffn_norm"])))
         out.append(("down", *mv_args(v, m, qt, 1, nb, *lay["down"], H, I, m.act, m.x, H, nxt)))
@@ -651,6 +689,8 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
     ap.add_argument("--trace", action="store_true",
                     help="variants built by experiments/trace.py: save one step's kernel timeline")
+    ap.add_argument("--prebuilt", help="folder of NAME.cubin files to use instead of compiling those variants "
+                    "(built elsewhere with the nvcc command of `Variant`)")
     ap.add_argument("--once", action="store_true",
                     help="launch one step of each variant once, without graphs (for a profiler), and stop")
     args = ap.parse_args()
@@ -658,7 +698,7 @@ def main():
     for spec in args.variants:
         name, rest = spec.split("=", 1)
         src, _, flags = rest.partition(":")
-        vs.append(Variant(name, src, flags.split() if flags else [], args.out))
+        vs.append(Variant(name, src, flags.split() if flags else [], args.out, args.prebuilt))
     stream = cp.cuda.Stream(non_blocking=True)
     if args.once:
         m = Model(args.types.split(",")[0], args.pos)

@@ -8,6 +8,9 @@
 #          (NCCL's LL protocol) and readers poll their words until the flags say "this step"
 #   bar:   one persistent kernel, a grid barrier between phases
 #   pll:   one persistent kernel, LL words instead of the barrier
+#   nop:   (floor) a kernel per phase as pdl, that only waits and lets the next one start
+#   read:  (floor) as nop, then reads and RMS-norms the input vector, and writes 2048 floats
+#          (a warp's row each), without weights
 # Prints us per phase (a graph of NPH phases replayed; median of 5 timings of 200 replays).
 import ctypes, os, statistics, subprocess, sys
 import cupy as cp, numpy as np
@@ -17,6 +20,10 @@ WL = int(sys.argv[1]) if len(sys.argv) > 1 else 2  # 16-byte weight loads per la
 # dynamic shared memory a block takes (unused): 100000 holds occupancy at 2 blocks an SM, as
 # decode.cu's products have (their registers)
 SMEM = int(sys.argv[2]) if len(sys.argv) > 2 else 100000
+# blocks an SM each kernel is compiled for (`__launch_bounds__(256, MINB)`; the grid stays 2 an
+# SM): 4 leaves room for the next kernel's blocks beside the running one's, so they start
+# and load their weights before it ends
+MINB = int(sys.argv[3]) if len(sys.argv) > 3 else 2
 src = r'''
 typedef unsigned int u32;
 #define ROWS 2048
@@ -71,7 +78,7 @@ __device__ __forceinline__ float read_ll(const uint2* x, float* xs, u32 want){
 }
 extern "C" __global__ void bump(u32* ctr){ ctr[0] += 1; }
 
-extern "C" __global__ void __launch_bounds__(256,2) ph_pdl(const uint4* Wm, const float* x, float* y){
+extern "C" __global__ void __launch_bounds__(256,MINB) ph_pdl(const uint4* Wm, const float* x, float* y){
   const int lane=threadIdx.x&31, warp=threadIdx.x>>5, r=blockIdx.x*8+warp;
   W w; wload(Wm, r, lane, w);
   pdl_wait(); pdl_go();
@@ -79,7 +86,17 @@ extern "C" __global__ void __launch_bounds__(256,2) ph_pdl(const uint4* Wm, cons
   const float rs = block_rs(read_plain(x, xs), red); __syncthreads();
   if (r < ROWS){ const float v = warp_sum(rowdot(xs, w, lane)) * rs * 0.02f; if(lane==0) y[r]=v; }
 }
-extern "C" __global__ void __launch_bounds__(256,2) ph_ll(const uint4* Wm, const uint2* x, uint2* y, const u32* ctr, int k, int nph){
+extern "C" __global__ void __launch_bounds__(256,MINB) ph_nop(const uint4* Wm, const float* x, float* y){
+  pdl_wait(); pdl_go();
+}
+extern "C" __global__ void __launch_bounds__(256,MINB) ph_read(const uint4* Wm, const float* x, float* y){
+  const int lane=threadIdx.x&31, warp=threadIdx.x>>5, r=blockIdx.x*8+warp;
+  pdl_wait(); pdl_go();
+  __shared__ float xs[ROWS]; __shared__ float red[8];
+  const float rs = block_rs(read_plain(x, xs), red); __syncthreads();
+  if (r < ROWS && lane==0) y[r] = xs[r] * rs;
+}
+extern "C" __global__ void __launch_bounds__(256,MINB) ph_ll(const uint4* Wm, const uint2* x, uint2* y, const u32* ctr, int k, int nph){
   const int lane=threadIdx.x&31, warp=threadIdx.x>>5, r=blockIdx.x*8+warp;
   pdl_go();
   W w; wload(Wm, r, lane, w);
@@ -88,7 +105,7 @@ extern "C" __global__ void __launch_bounds__(256,2) ph_ll(const uint4* Wm, const
   const float rs = block_rs(read_ll(x, xs, e - 1), red); __syncthreads();
   if (r < ROWS){ const float v = warp_sum(rowdot(xs, w, lane)) * rs * 0.02f; if(lane==0) stv(y+r, v, e); }
 }
-extern "C" __global__ void __launch_bounds__(256,2) ph_bar(const uint4* Wm, float* x0, float* x1, u32* bar, int nph){
+extern "C" __global__ void __launch_bounds__(256,MINB) ph_bar(const uint4* Wm, float* x0, float* x1, u32* bar, int nph){
   const int lane=threadIdx.x&31, warp=threadIdx.x>>5, r=blockIdx.x*8+warp;
   __shared__ float xs[ROWS]; __shared__ float red[8];
   u32 target = 0;
@@ -103,7 +120,7 @@ extern "C" __global__ void __launch_bounds__(256,2) ph_bar(const uint4* Wm, floa
     __syncthreads();
   }
 }
-extern "C" __global__ void __launch_bounds__(256,2) ph_pll(const uint4* Wm, uint2* x0, uint2* x1, const u32* ctr, int nph){
+extern "C" __global__ void __launch_bounds__(256,MINB) ph_pll(const uint4* Wm, uint2* x0, uint2* x1, const u32* ctr, int nph){
   const int lane=threadIdx.x&31, warp=threadIdx.x>>5, r=blockIdx.x*8+warp;
   __shared__ float xs[ROWS]; __shared__ float red[8];
   const u32 base = ctr[0] * nph;
@@ -119,7 +136,7 @@ extern "C" __global__ void __launch_bounds__(256,2) ph_pll(const uint4* Wm, uint
 '''
 os.makedirs("/tmp/chain", exist_ok=True)
 open("/tmp/chain/chain.cu", "w").write(src)
-subprocess.run(["nvcc", "--cubin", "-O3", "-arch=sm_90", f"-DWL={WL}", "-o", "/tmp/chain/chain.cubin",
+subprocess.run(["nvcc", "--cubin", "-O3", "-arch=sm_90", f"-DWL={WL}", f"-DMINB={MINB}", "-o", "/tmp/chain/chain.cubin",
                 "/tmp/chain/chain.cu"], check=True)
 mod = cp.cuda.function.Module()
 mod.load_file("/tmp/chain/chain.cubin")
@@ -158,9 +175,9 @@ l0 = cp.zeros(2 * ROWS, cp.uint32)
 l1 = cp.zeros(2 * ROWS, cp.uint32)
 ctr = cp.zeros(64, cp.uint32)
 bar = cp.zeros(64, cp.uint32)
-f = {n: mod.get_function(n) for n in ["bump", "ph_pdl", "ph_ll", "ph_bar", "ph_pll"]}
+f = {n: mod.get_function(n) for n in ["bump", "ph_pdl", "ph_ll", "ph_bar", "ph_pll", "ph_nop", "ph_read"]}
 wstride = ROWS * 32 * WL * 16
-for n in ["ph_pdl", "ph_ll", "ph_bar", "ph_pll"]:
+for n in ["ph_pdl", "ph_ll", "ph_bar", "ph_pll", "ph_nop", "ph_read"]:
     assert cuda.cuFuncSetAttribute(ctypes.c_void_p(f[n].ptr), 8, SMEM) == 0
 
 
@@ -174,10 +191,10 @@ def init_ll():
 
 def build(name, stream):
     launch(f["bump"], 1, stream, [ptr(ctr)], False)
-    if name == "pdl":
+    if name in ("pdl", "nop", "read"):
         for k in range(1, NPH + 1):
             a, b = (x0, x1) if k & 1 else (x1, x0)
-            launch(f["ph_pdl"], G, stream, [ctypes.c_uint64(wm.data.ptr + (k - 1) * wstride), ptr(a), ptr(b)], k > 1)
+            launch(f["ph_" + name], G, stream, [ctypes.c_uint64(wm.data.ptr + (k - 1) * wstride), ptr(a), ptr(b)], k > 1)
     elif name == "ll":
         for k in range(1, NPH + 1):
             a, b = (l0, l1) if k & 1 else (l1, l0)
@@ -191,7 +208,7 @@ def build(name, stream):
 
 stream = cp.cuda.Stream(non_blocking=True)
 out = {}
-for name in ["pdl", "ll", "bar", "pll"]:
+for name in ["pdl", "ll", "bar", "pll", "nop", "read"]:
     init_ll()
     bar.fill(0)
     cp.cuda.runtime.deviceSynchronize()
@@ -227,9 +244,10 @@ for name in ["pdl", "ll", "bar", "pll"]:
     cp.cuda.runtime.deviceSynchronize()
     g.launch(stream)
     stream.synchronize()
-    res = x0 if name in ("pdl", "bar") else l0.view(cp.float32)[0::2]
+    res = x0 if name in ("pdl", "bar", "nop", "read") else l0.view(cp.float32)[0::2]
     out[name] = cp.asnumpy(res)
-    print(f"{name}: {statistics.median(ts[1:]):.2f} us per phase (WL={WL}, {G} blocks, {SMEM} B smem)", flush=True)
+    print(f"{name}: {statistics.median(ts[1:]):.2f} us per phase (WL={WL}, {G} blocks, {SMEM} B smem, MINB {MINB})",
+          flush=True)
 # the variants compute the same chain of phases: same values up to float rounding order
 for name in ["ll", "bar", "pll"]:
     print(f"{name} vs pdl max abs diff {np.abs(out[name] - out['pdl']).max():.3g}", flush=True)

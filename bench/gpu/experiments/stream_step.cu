@@ -177,38 +177,16 @@ __device__ __forceinline__ void sprod(const MvArgs& a, const uint8_t* w, int r0,
     TMID(1);
     after_inputs();
     for (int j = warp; j < nr; j += WARPS) {
-        float acc[RW] = {};
+        float acc[RW][1] = {};
         for (int g = 0; g < ng; ++g) {
             if (!lane_has<QT>(a.k, g, lane)) continue;
             Raw raw[RW];
 #pragma unroll
             for (int h = 0; h < RW; ++h) raw_load<QT>(w + (size_t)(j + h * nr) * a.row_bytes, g, lane, raw[h]);
-            u32 b[RW][8];
-            float sc[RW][2], mn[RW][2];
-#pragma unroll
-            for (int h = 0; h < RW; ++h) unpack_q<QT>(raw[h], lane, b[h], sc[h], mn[h]);
-            const uint8_t* base = xq + (size_t)g * XQ_STEP;
-            const float4 xs = *(const float4*)(base + 2048 + lane * 16);
-#pragma unroll
-            for (int hf = 0; hf < 2; ++hf) {
-                const uint4 p0 = *(const uint4*)(base + ((2 * hf) * 32 + lane) * 16);
-                const uint4 p1 = *(const uint4*)(base + ((2 * hf + 1) * 32 + lane) * 16);
-                const u32 xw[8] = {p0.x, p0.y, p0.z, p0.w, p1.x, p1.y, p1.z, p1.w};
-                const int sx = __float_as_int(hf ? xs.w : xs.y);
-#pragma unroll
-                for (int h = 0; h < RW; ++h) {
-                    int d = 0;
-#pragma unroll
-                    for (int e4 = 0; e4 < 4; ++e4)
-                        d = dp2a_hi(xw[2 * e4 + 1], b[h][4 * hf + e4], dp2a_lo(xw[2 * e4], b[h][4 * hf + e4], d));
-                    float v = sc[h][hf] * (float)(d - Off<QT>::v * sx);
-                    if (HasMin<QT>::v) v += mn[h][hf] * (float)sx;
-                    acc[h] += (hf ? xs.z : xs.x) * v;
-                }
-            }
+            mul_step<QT, 1, RW>(raw, lane, xq, ng, g, 1, acc);
         }
-        const float v = warp_sum(acc[0]) * rs[0];
-        const float v2 = RW > 1 ? warp_sum(acc[RW - 1]) * rs[0] : 0.f;
+        const float v = warp_sum(acc[0][0]) * rs[0];
+        const float v2 = RW > 1 ? warp_sum(acc[RW - 1][0]) * rs[0] : 0.f;
         if (lane == 0) store_out<MODE>(a, 0, r0 + j, v, v2);
     }
 }

@@ -468,6 +468,42 @@ __device__ __forceinline__ void load_unit(const MvArgs& a, int r, int g0, int ng
     }
 }
 
+// Adds the lane's products of step `g` (its weights as loaded in `raw`, RW rows) with the
+// n input rows rounded into `xq` to `acc`.
+template <int QT, int NB, int RW>
+__device__ __forceinline__ void mul_step(const Raw (&raw)[RW], int lane, const uint8_t* xq, int ng, int g, int n,
+                                         float (&acc)[RW][NB]) {
+    u32 b[RW][8];
+    float sc[RW][2], mn[RW][2];
+#pragma unroll
+    for (int h = 0; h < RW; ++h) unpack_q<QT>(raw[h], lane, b[h], sc[h], mn[h]);
+#pragma unroll
+    for (int i = 0; i < NB; ++i) {
+        if (i < n) {
+            const uint8_t* base = xq + (size_t)(i * ng + g) * XQ_STEP;
+            const float4 xs = *(const float4*)(base + 2048 + lane * 16);  // scale, sum per half
+#pragma unroll
+            for (int hf = 0; hf < 2; ++hf) {
+                const uint4 p0 = *(const uint4*)(base + ((2 * hf) * 32 + lane) * 16);
+                const uint4 p1 = *(const uint4*)(base + ((2 * hf + 1) * 32 + lane) * 16);
+                const u32 xw[8] = {p0.x, p0.y, p0.z, p0.w, p1.x, p1.y, p1.z, p1.w};
+                const int sx = __float_as_int(hf ? xs.w : xs.y);
+#pragma unroll
+                for (int h = 0; h < RW; ++h) {
+                    int d = 0;
+#pragma unroll
+                    for (int e4 = 0; e4 < 4; ++e4)
+                        d = dp2a_hi(xw[2 * e4 + 1], b[h][4 * hf + e4], dp2a_lo(xw[2 * e4], b[h][4 * hf + e4], d));
+                    // the format's offset taken off in integers: exact
+                    float v = sc[h][hf] * (float)(d - Off<QT>::v * sx);
+                    if (HasMin<QT>::v) v += mn[h][hf] * (float)sx;
+                    acc[h][i] += (hf ? xs.z : xs.x) * v;
+                }
+            }
+        }
+    }
+}
+
 template <int QT, int NB, int MODE>
 __device__ void matvec(const MvArgs& a) {
     constexpr int RW = MODE == MODE_GLU ? 2 : 1;  // weight rows per warp
@@ -508,38 +544,8 @@ __device__ void matvec(const MvArgs& a) {
         const int rn = row_end ? r + stride : r, gn = row_end ? 0 : g0 + U;
         if (rn < a.rows) load_unit<QT, U, RW>(a, rn, gn, ng, lane, nxt, nhas);
 #pragma unroll
-        for (int u = 0; u < U; ++u) {
-            if (!has[u]) continue;
-            u32 b[RW][8];
-            float sc[RW][2], mn[RW][2];
-#pragma unroll
-            for (int h = 0; h < RW; ++h) unpack_q<QT>(raw[u][h], lane, b[h], sc[h], mn[h]);
-#pragma unroll
-            for (int i = 0; i < NB; ++i) {
-                if (i < n) {
-                    const uint8_t* base = xq + (size_t)(i * ng + g0 + u) * XQ_STEP;
-                    const float4 xs = *(const float4*)(base + 2048 + lane * 16);  // scale, sum per half
-#pragma unroll
-                    for (int hf = 0; hf < 2; ++hf) {
-                        const uint4 p0 = *(const uint4*)(base + ((2 * hf) * 32 + lane) * 16);
-                        const uint4 p1 = *(const uint4*)(base + ((2 * hf + 1) * 32 + lane) * 16);
-                        const u32 xw[8] = {p0.x, p0.y, p0.z, p0.w, p1.x, p1.y, p1.z, p1.w};
-                        const int sx = __float_as_int(hf ? xs.w : xs.y);
-#pragma unroll
-                        for (int h = 0; h < RW; ++h) {
-                            int d = 0;
-#pragma unroll
-                            for (int e4 = 0; e4 < 4; ++e4)
-                                d = dp2a_hi(xw[2 * e4 + 1], b[h][4 * hf + e4], dp2a_lo(xw[2 * e4], b[h][4 * hf + e4], d));
-                            // the format's offset taken off in integers: exact
-                            float v = sc[h][hf] * (float)(d - Off<QT>::v * sx);
-                            if (HasMin<QT>::v) v += mn[h][hf] * (float)sx;
-                            acc[h][i] += (hf ? xs.z : xs.x) * v;
-                        }
-                    }
-                }
-            }
-        }
+        for (int u = 0; u < U; ++u)
+            if (has[u]) mul_step<QT, NB, RW>(raw[u], lane, xq, ng, g0 + u, n, acc);
         if (row_end) {
 #pragma unroll
             for (int i = 0; i < NB; ++i) {

@@ -32,7 +32,9 @@ split attention poll per-head counters of QKV rows instead of waiting
 `-DFUSED_PROBE=1|2`: timing probes), `stream` runs batch 1's layers as one persistent kernel
 streaming weights into shared memory (`experiments/stream_step.cu`), `mlp` batch 1's gate/up,
 SwiGLU and down as one kernel split over the intermediate columns (`experiments/mlp_fused.cu`,
-`-DMLP_NORED|NODOWN|NOSLAB`: timing probes): all tried and slower. `--trace` saves one step's per-block timeline from a file made by
+`-DMLP_NORED|NODOWN|NOSLAB`: timing probes): all tried and slower. `attcl` runs batches 1-2's
+attention as a cluster of `-DATT_CL=N` blocks per (sequence, head) (`experiments/attention_cluster.cu`:
+batch 2 faster with 2 blocks, batch 1 not at positions 512-640). `--trace` saves one step's per-block timeline from a file made by
 `experiments/trace.py make`. `-DATT_SPLITS=N` sizes the attention grids, `-DMM_WARPS_R=N` / `-DMM_WARPS=N` the tensor-core residual / other products' blocks
 (16 for the others does not compile as it is: SwiGLU's 32-sequence reduction would take 64 KB of
 shared memory; `experiments/mm-wide-blocks.patch`: `-DMM_RB_P|R|G=N` their output rows a block;
@@ -134,6 +136,9 @@ class Variant:
         # `mlp`: batch 1's gate/up, SwiGLU and down as one kernel split over the intermediate
         # columns (`experiments/mlp_fused.cu`, Q4_K; partial sums added with float atomics)
         self.mlp = "mlp" in flags
+        # `attcl`: batches 1-2 attention as a cluster of ATT_CL blocks per (sequence, head),
+        # chunks combined over distributed shared memory (`experiments/attention_cluster.cu`)
+        self.attcl = "attcl" in flags
         # `smemNN`: matrix-vector kernels that copy their rows' weights into NN KiB of shared
         # memory before the wait (`mvs_<type>_<mode><nb>`, a block per SM)
         self.smem = next((int(f[4:]) for f in flags if re.fullmatch(r"smem\d+", f)), 0)
@@ -141,7 +146,7 @@ class Variant:
         # it into L2 (at most `l2capMM` MB of them, default 32; whole steps only)
         self.l2pf = next((int(f[4:]) for f in flags if re.fullmatch(r"l2pf\d+", f)), 0)
         self.l2cap = next((int(f[5:]) for f in flags if re.fullmatch(r"l2cap\d+", f)), 32) << 20
-        flags = [f for f in flags if f not in ("mm", "pdl", "persist", "half", "mega", "gqa", "gqaall", "pair", "hc", "nostage", "stream", "mlp")
+        flags = [f for f in flags if f not in ("mm", "pdl", "persist", "half", "mega", "gqa", "gqaall", "pair", "hc", "nostage", "stream", "mlp", "attcl")
                  and not re.fullmatch(r"(smem|l2pf|l2cap|fuse|gqas)\d+", f)]
         cubin = os.path.join(out_dir, f"{name}.cubin")
         cmd = ["nvcc", "--cubin", "-O3", "-arch=sm_90", "-Xptxas", "-v", *flags, "-o", cubin, src]
@@ -180,6 +185,9 @@ class Variant:
         # (`experiments/mm-wide-blocks.patch`: -DMM_RB_P= / _R= / _G=)
         self.mm_rows = [define_of(f"MM_RB_{md}", text, flags, 16) for md in "PRG"]
         self.gqa_threads = define_of("GQA_THREADS", text, flags, 256)
+        self.att_cl = define_of("ATT_CL", text, flags, 4)
+        self.cl_pf = define_of("CL_PF", text, flags, 320)
+        self.cl_threads = define_of("CL_THREADS", text, flags, 128)
 
     def _has(self, fn):
         try:
@@ -505,6 +513,11 @@ def step_launches(v, m, nb, only=None):
         att, geo = v.mod.get_function(f"attention_gqa_{HD}"), ((splits, KVH, nb), (v.gqa_threads, 1, 1), smem)
         check(cuda.cuFuncSetAttribute(ctypes.c_void_p(att.ptr), 8, smem), "cuFuncSetAttribute")
         att_extra = [p(m.att_part), p(m.att_counter)]
+    elif v.attcl and nb <= 2 and v._has(f"attention_cl_{HD}"):  # a cluster per (query head, sequence)
+        smem = 2 * v.cl_pf * (HD + 4) * 4 + 4 * -(-CAP // v.att_cl)
+        att, geo = v.mod.get_function(f"attention_cl_{HD}"), ((v.att_cl, HEADS, nb), (v.cl_threads, 1, 1), smem)
+        check(cuda.cuFuncSetAttribute(ctypes.c_void_p(att.ptr), 8, smem), "cuFuncSetAttribute")
+        CLUSTER[att.ptr] = v.att_cl
     elif nb < v.mm_from and v.split:  # a block per (query head, chunk of positions)
         smem = 4 * CAP + 2 * (v.att_pf // HD) * (HD + 4) * 4
         att, geo = v.mod.get_function(f"attention_split_{HD}"), ((HEADS, v.splits, nb), (v.split_threads, 1, 1), smem)

@@ -34,7 +34,7 @@ streaming weights into shared memory (`experiments/stream_step.cu`), `mlp` batch
 SwiGLU and down as one kernel split over the intermediate columns (`experiments/mlp_fused.cu`,
 `-DMLP_NORED|NODOWN|NOSLAB`: timing probes): all tried and slower. `attcl` runs batches 1-2's
 attention as a cluster of `-DATT_CL=N` blocks per (sequence, head) (`experiments/attention_cluster.cu`:
-batch 2 faster with 2 blocks, batch 1 not at positions 512-640). `--trace` saves one step's per-block timeline from a file made by
+faster only at short contexts; `--cap 4096 --pos 2000` measures long ones). `--trace` saves one step's per-block timeline from a file made by
 `experiments/trace.py make`. `-DATT_SPLITS=N` sizes the attention grids, `-DMM_WARPS_R=N` / `-DMM_WARPS=N` the tensor-core residual / other products' blocks
 (16 for the others does not compile as it is: SwiGLU's 32-sequence reduction would take 64 KB of
 shared memory; `experiments/mm-wide-blocks.patch`: `-DMM_RB_P|R|G=N` their output rows a block;
@@ -286,8 +286,13 @@ class Model:
                 lay[name] = rand_blocks(qt, rows, k, rng)
             lay["attn_norm"] = cp.asarray(rng.uniform(0.5, 1.5, H).astype(np.float32))
             lay["ffn_norm"] = cp.asarray(rng.uniform(0.5, 1.5, H).astype(np.float32))
-            kv = rng.standard_normal((2, MAXB * KVH * CAP * HD)).astype(np.float32)
-            lay["k"], lay["v"] = cp.asarray(kv[0]), cp.asarray(kv[1])
+            if CAP == 1024:
+                kv = rng.standard_normal((2, MAXB * KVH * CAP * HD)).astype(np.float32)
+                lay["k"], lay["v"] = cp.asarray(kv[0]), cp.asarray(kv[1])
+            else:  # `--cap`: drawn on the GPU (the host's generator takes minutes at 4096)
+                cp.random.seed(int(rng.integers(1 << 31)))
+                lay["k"], lay["v"] = (cp.random.standard_normal(MAXB * KVH * CAP * HD, dtype=cp.float32)
+                                      for _ in range(2))
             self.layers.append(lay)
         self.embed = rand_blocks(qt, VOCAB, H, rng)
         self.lm_head = rand_blocks(qt, VOCAB, H, rng)
@@ -692,11 +697,13 @@ def save_trace(v, m, graph, stream, stem):
 
 
 def main():
+    global CAP
     ap = argparse.ArgumentParser()
     ap.add_argument("variants", nargs="+")
     ap.add_argument("--batch", default="8,1,16,32")
     ap.add_argument("--types", default="q4_k")
     ap.add_argument("--pos", type=int, default=600)
+    ap.add_argument("--cap", type=int, default=CAP, help="KV cache positions a sequence (positions past 1024)")
     ap.add_argument("--json", default="kernels.json", help="file name under --out")
     ap.add_argument("--no-kernels", action="store_true", help="only the whole step, no per-kernel times")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
@@ -707,6 +714,7 @@ def main():
     ap.add_argument("--once", action="store_true",
                     help="launch one step of each variant once, without graphs (for a profiler), and stop")
     args = ap.parse_args()
+    CAP = args.cap
     vs = []
     for spec in args.variants:
         name, rest = spec.split("=", 1)

@@ -11,6 +11,10 @@
 // Here a head's chunks are the 2-4 blocks of one cluster: a cluster barrier replaces the
 // fence and counter, and the first block reads the others' results from their shared memory.
 // Small clusters place easily (the fifth session's clusters of 8 and 16 blocks started late).
+//
+// Measured (H100, bench/README.md, twelfth session): batch 1 no faster at positions 512-640,
+// batch 2 with 2 blocks 2-9% faster up to 900 positions, but every form slower at 2,000 and
+// 3,500 (a block's long chunk is one serial chain). Not kept.
 
 #include "../../../crates/llorch-engine/src/model/decode.cu"
 

@@ -24,9 +24,6 @@
 #ifndef CL_THREADS
 #define CL_THREADS 128
 #endif
-#ifndef CL_VU
-#define CL_VU 8  // value rows a thread loads before using them
-#endif
 #ifndef CL_PF
 #define CL_PF 320  // cached positions a block copies ahead (keys and values, rows of D + 4)
 #endif
@@ -49,13 +46,11 @@ __device__ void attention_cl(const float* qkv, int ldq, float* out, float* kc, f
                              int kv_heads, int cap, const float* inv_freq, int interleaved, const int* pos_a,
                              const int* slot_a, const int* n, float scale, int write_kv) {
     const int r = blockIdx.x, h = blockIdx.y, i = blockIdx.z, group = heads / kv_heads, kvh = h / group;
-    const int t = threadIdx.x, lane = t & 31, warp = t >> 5;
-    constexpr int NW = T / 32, DP = D + 4, DQ = D / 4, PG = T / DQ;
+    const int t = threadIdx.x;
+    constexpr int DP = D + 4;
     __shared__ __align__(16) float qs[D];
     __shared__ __align__(16) float kn[D];
     __shared__ __align__(16) float vn[D];
-    __shared__ float red[NW];
-    __shared__ __align__(16) float po[PG][D];
     __shared__ float mine[D + 2];  // this chunk's (max, sum, output), read by rank 0
     extern __shared__ __align__(16) float sc[];  // K, V [CL_PF][DP], then scores
     const bool live = i < *n;  // the row count comes from the host: before the wait
@@ -74,76 +69,17 @@ __device__ void attention_cl(const float* qkv, int ldq, float* out, float* kc, f
     float sn = 0.f, cs = 1.f;
     if (t < D / 2) sincosf((float)pos * inv_freq[t], &sn, &cs);
     pdl_wait();
-    const float* row = qkv + (size_t)i * ldq;
     const bool has_new = live && j1 == len && j0 < j1;
-    if (live && t < D / 2) {
-        const int a = interleaved ? 2 * t : t;
-        const int b = interleaved ? 2 * t + 1 : t + D / 2;
-        rope_pair(row + h * D, a, b, sn, cs, qs);
-        if (has_new) rope_pair(row + (heads + kvh) * D, a, b, sn, cs, kn);
-    }
-    if (has_new && t < D) vn[t] = row[(heads + kv_heads + kvh) * D + t];
+    if (live) new_row<D>(qkv + (size_t)i * ldq, h, heads, kv_heads, kvh, has_new, interleaved, sn, cs, qs, kn, vn);
     asm volatile("cp.async.wait_all;" ::: "memory");
     __syncthreads();
     if (write_kv && has_new && h % group == 0 && t < D) {
         kb[(size_t)pos * D + t] = kn[t];
         vb[(size_t)pos * D + t] = vn[t];
     }
-    float mx = -INFINITY;
-    for (int j = j0 + t; j < j1; j += T) {
-        const float* kr = j == pos && write_kv ? kn : j - j0 < np ? ks + (j - j0) * DP : kb + (size_t)j * D;
-        const float d = key_dot<D>(qs, kr) * scale;
-        s[j - j0] = d;
-        mx = fmaxf(mx, d);
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-    if (lane == 0) red[warp] = mx;
-    __syncthreads();
-    mx = red[0];
-#pragma unroll
-    for (int w = 1; w < NW; ++w) mx = fmaxf(mx, red[w]);
-    __syncthreads();
-    float sum = 0.f;
-    for (int j = t; j < j1 - j0; j += T) {
-        const float p = expf(s[j] - mx);
-        s[j] = p;
-        sum += p;
-    }
-    sum = warp_sum(sum);
-    if (lane == 0) red[warp] = sum;
-    __syncthreads();
-    float den = 0.f;
-#pragma unroll
-    for (int w = 0; w < NW; ++w) den += red[w];
-    const int gi = t / DQ, dq = t % DQ;
-    float o[4] = {0.f, 0.f, 0.f, 0.f};
-    for (int jb = j0 + gi; jb < j1; jb += CL_VU * PG) {
-        float4 v[CL_VU];
-#pragma unroll
-        for (int u = 0; u < CL_VU; ++u) {
-            const int j = jb + u * PG;
-            const float* vr = j == pos && write_kv ? vn : j - j0 < np ? vs + (j - j0) * DP : vb + (size_t)j * D;
-            v[u] = j < j1 ? *(const float4*)(vr + 4 * dq) : make_float4(0.f, 0.f, 0.f, 0.f);
-        }
-#pragma unroll
-        for (int u = 0; u < CL_VU; ++u) {
-            const int j = jb + u * PG;
-            const float p = j < j1 ? s[j - j0] : 0.f;
-            o[0] += p * v[u].x;
-            o[1] += p * v[u].y;
-            o[2] += p * v[u].z;
-            o[3] += p * v[u].w;
-        }
-    }
-    *(float4*)&po[gi][4 * dq] = make_float4(o[0], o[1], o[2], o[3]);
-    __syncthreads();
-    if (t < D) {
-        float v = 0.f;
-#pragma unroll
-        for (int g = 0; g < PG; ++g) v += po[g][t];
-        mine[2 + t] = v;
-    }
+    float mx, den;
+    const float ov = attend_chunk<D, T>(qs, kn, vn, ks, vs, kb, vb, j0, j1, np, pos, write_kv, scale, s, mx, den);
+    if (t < D) mine[2 + t] = ov;
     if (t == 0) mine[0] = j0 < j1 ? mx : -INFINITY, mine[1] = j0 < j1 ? den : 0.f;
     cluster_sync_all();  // every chunk's result is in its block's `mine`
     if (r == 0 && live && t < D) {

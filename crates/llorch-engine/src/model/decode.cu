@@ -1217,40 +1217,13 @@ __device__ __forceinline__ void stage(float* dst, const float* src, int n) {
     __syncthreads();
 }
 
-template <int D, int T, int PFF>
-__device__ void attention_split(const float* qkv, int ldq, float* out, float* kc, float* vc,
-                                int heads, int kv_heads, int cap, const float* inv_freq,
-                                int interleaved, const int* pos_a, const int* slot_a,
-                                const int* n, float scale, int write_kv, float* part,
-                                u32* counter) {
-    const int i = blockIdx.z, h = blockIdx.x, sp = blockIdx.y, group = heads / kv_heads, kvh = h / group;
-    int pos, slot, chunk, S, j0, j1;
-    if (!att_block(n, pos_a, slot_a, i, sp, pos, slot, chunk, S, j0, j1)) return;
-    const int len = pos + 1;
-    const int t = threadIdx.x, lane = t & 31, warp = t >> 5;
-    constexpr int NW = T / 32;
-    constexpr int PF = PFF / D, DP = D + 4;  // padded rows: no bank conflicts
-    extern __shared__ __align__(16) float sc[];  // [chunk, rounded up to 4], then K, V [PF][DP]
-    float* ks = sc + ((chunk + 3) & ~3);
-    float* vs = ks + PF * DP;
-    const size_t base = ((size_t)slot * kv_heads + kvh) * (size_t)cap * D;
-    float* kb = kc + base;
-    float* vb = vc + base;
-    // decode steps: positions before `pos` only (the new one comes from the QKV row)
-    const int np = write_kv ? max(0, min(min(j1, pos) - j0, PF)) : 0;
-    copy_ahead<D, T>(ks, vs, kb, vb, j0, np);
-    float sn = 0.f, cs = 1.f;  // the RoPE angle of this thread's pair needs only `pos`
-    if (t < D / 2) sincosf((float)pos * inv_freq[t], &sn, &cs);
-    pdl_wait();
-    __shared__ __align__(16) float qs[D];
-    __shared__ __align__(16) float kn[D];
-    __shared__ __align__(16) float vn[D];
-    __shared__ float red[NW];
-    __shared__ bool last;
-    constexpr int DQ = D / 4, PG = T / DQ;
-    __shared__ __align__(16) float po[PG][D];
-    const float* row = qkv + (size_t)i * ldq;
-    const bool has_new = j1 == len;  // this chunk holds the new position
+// RoPE on row `row`'s query of head `h` into `qs` and, with `has_new`, on its key of KV head
+// `kvh` into `kn`, its value into `vn` (the block's first D threads; sn, cs: the angle of
+// thread t's pair at the row's position).
+template <int D>
+__device__ __forceinline__ void new_row(const float* row, int h, int heads, int kv_heads, int kvh, bool has_new,
+                                        int interleaved, float sn, float cs, float* qs, float* kn, float* vn) {
+    const int t = threadIdx.x;
     if (t < D / 2) {
         const int a = interleaved ? 2 * t : t;
         const int b = interleaved ? 2 * t + 1 : t + D / 2;
@@ -1258,14 +1231,24 @@ __device__ void attention_split(const float* qkv, int ldq, float* out, float* kc
         if (has_new) rope_pair(row + (heads + kvh) * D, a, b, sn, cs, kn);
     }
     if (has_new && t < D) vn[t] = row[(heads + kv_heads + kvh) * D + t];
-    asm volatile("cp.async.wait_all;" ::: "memory");
-    __syncthreads();
-    if (write_kv && has_new && h % group == 0 && t < D) {
-        kb[(size_t)pos * D + t] = kn[t];
-        vb[(size_t)pos * D + t] = vn[t];
-    }
+}
+
+// One query's attention over positions [j0, j1) by the block's T threads: the keys and
+// values of the first `np` from shared memory (`ks`, `vs`: rows of D + 4 floats), the new
+// position's (`pos`, decode steps) from `kn`, `vn`, the rest from the cache rows `kb`, `vb`;
+// the scores go to `sc`. Returns thread t's (< D) output summed over the chunk, not yet
+// divided by `den`; `mx`: the chunk's largest score, `den`: its sum of exponentials.
+template <int D, int T>
+__device__ __forceinline__ float attend_chunk(const float* qs, const float* kn, const float* vn, const float* ks,
+                                              const float* vs, const float* kb, const float* vb, int j0, int j1,
+                                              int np, int pos, int write_kv, float scale, float* sc, float& mx,
+                                              float& den) {
+    const int t = threadIdx.x, lane = t & 31, warp = t >> 5;
+    constexpr int NW = T / 32, DP = D + 4, DQ = D / 4, PG = T / DQ;
+    __shared__ float red[NW];
+    __shared__ __align__(16) float po[PG][D];
     // scores, one position per thread
-    float mx = -INFINITY;
+    mx = -INFINITY;
     for (int j = j0 + t; j < j1; j += T) {
         const float* kr = j == pos && write_kv ? kn : j - j0 < np ? ks + (j - j0) * DP : kb + (size_t)j * D;
         const float d = key_dot<D>(qs, kr) * scale;
@@ -1289,7 +1272,7 @@ __device__ void attention_split(const float* qkv, int ldq, float* out, float* kc
     sum = warp_sum(sum);
     if (lane == 0) red[warp] = sum;
     __syncthreads();  // also publishes sc
-    float den = 0.f;
+    den = 0.f;
 #pragma unroll
     for (int w = 0; w < NW; ++w) den += red[w];
     // values: threads over (position group, 4 dimensions), eight 16-byte loads in flight
@@ -1315,24 +1298,60 @@ __device__ void attention_split(const float* qkv, int ldq, float* out, float* kc
     }
     *(float4*)&po[gi][4 * dq] = make_float4(o[0], o[1], o[2], o[3]);
     __syncthreads();
+    float v = 0.f;
+    if (t < D) {
+#pragma unroll
+        for (int g = 0; g < PG; ++g) v += po[g][t];
+    }
+    return v;
+}
+
+template <int D, int T, int PFF>
+__device__ void attention_split(const float* qkv, int ldq, float* out, float* kc, float* vc,
+                                int heads, int kv_heads, int cap, const float* inv_freq,
+                                int interleaved, const int* pos_a, const int* slot_a,
+                                const int* n, float scale, int write_kv, float* part,
+                                u32* counter) {
+    const int i = blockIdx.z, h = blockIdx.x, sp = blockIdx.y, group = heads / kv_heads, kvh = h / group;
+    int pos, slot, chunk, S, j0, j1;
+    if (!att_block(n, pos_a, slot_a, i, sp, pos, slot, chunk, S, j0, j1)) return;
+    const int len = pos + 1;
+    const int t = threadIdx.x;
+    constexpr int PF = PFF / D, DP = D + 4;  // padded rows: no bank conflicts
+    extern __shared__ __align__(16) float sc[];  // [chunk, rounded up to 4], then K, V [PF][DP]
+    float* ks = sc + ((chunk + 3) & ~3);
+    float* vs = ks + PF * DP;
+    const size_t base = ((size_t)slot * kv_heads + kvh) * (size_t)cap * D;
+    float* kb = kc + base;
+    float* vb = vc + base;
+    // decode steps: positions before `pos` only (the new one comes from the QKV row)
+    const int np = write_kv ? max(0, min(min(j1, pos) - j0, PF)) : 0;
+    copy_ahead<D, T>(ks, vs, kb, vb, j0, np);
+    float sn = 0.f, cs = 1.f;  // the RoPE angle of this thread's pair needs only `pos`
+    if (t < D / 2) sincosf((float)pos * inv_freq[t], &sn, &cs);
+    pdl_wait();
+    __shared__ __align__(16) float qs[D];
+    __shared__ __align__(16) float kn[D];
+    __shared__ __align__(16) float vn[D];
+    __shared__ bool last;
+    const bool has_new = j1 == len;  // this chunk holds the new position
+    new_row<D>(qkv + (size_t)i * ldq, h, heads, kv_heads, kvh, has_new, interleaved, sn, cs, qs, kn, vn);
+    asm volatile("cp.async.wait_all;" ::: "memory");
+    __syncthreads();
+    if (write_kv && has_new && h % group == 0 && t < D) {
+        kb[(size_t)pos * D + t] = kn[t];
+        vb[(size_t)pos * D + t] = vn[t];
+    }
+    float mx, den;
+    const float ov = attend_chunk<D, T>(qs, kn, vn, ks, vs, kb, vb, j0, j1, np, pos, write_kv, scale, sc, mx, den);
     float* dst = out + (size_t)i * heads * D + h * D;
     if (S == 1) {
-        if (t < D) {
-            float v = 0.f;
-#pragma unroll
-            for (int g = 0; g < PG; ++g) v += po[g][t];
-            dst[t] = v / den;
-        }
+        if (t < D) dst[t] = ov / den;
         return;
     }
     // this chunk's (max, sum, output) for the combining block
     float* mine = part + (((size_t)i * heads + h) * ATT_SPLITS + sp) * (D + 2);
-    if (t < D) {
-        float v = 0.f;
-#pragma unroll
-        for (int g = 0; g < PG; ++g) v += po[g][t];
-        mine[2 + t] = v;
-    }
+    if (t < D) mine[2 + t] = ov;
     if (t == 0) mine[0] = mx, mine[1] = den;
     __threadfence();
     __syncthreads();

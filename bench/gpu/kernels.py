@@ -62,6 +62,7 @@ L, H, I, HEADS, KVH, HD, VOCAB = 22, 2048, 5632, 32, 4, 64, 32000
 QKV = (HEADS + 2 * KVH) * HD
 CAP, EPS = 1024, 1e-5
 MAXB = 32
+SAME = False  # `--same-weights`: every layer multiplies layer 0's matrices (probe: weights from L2)
 # block size, bytes per block, where its f16 scale(s) sit
 TYPES = {"q4_k": (256, 144, 0, 4), "q6_k": (256, 210, 208, 210), "q8_0": (32, 34, 0, 2),
          "q4_0": (32, 18, 0, 2), "q4_1": (32, 20, 0, 4), "q5_0": (32, 22, 0, 2)}
@@ -139,6 +140,11 @@ class Variant:
         # `attcl`: batches 1-2 attention as a cluster of ATT_CL blocks per (sequence, head),
         # chunks combined over distributed shared memory (`experiments/attention_cluster.cu`)
         self.attcl = "attcl" in flags
+        # `attfree`: batch 1's attention as `attention_free_64` (experiments/attention_free.cu)
+        self.attfree = "attfree" in flags
+        # `freeN`: the QKV product's grid leaves N SMs free, so the attention blocks after it start on
+        # them (and copy their keys and values) while it runs
+        self.free = next((int(f[4:]) for f in flags if re.fullmatch(r"free\d+", f)), 0)
         # `smemNN`: matrix-vector kernels that copy their rows' weights into NN KiB of shared
         # memory before the wait (`mvs_<type>_<mode><nb>`, a block per SM)
         self.smem = next((int(f[4:]) for f in flags if re.fullmatch(r"smem\d+", f)), 0)
@@ -146,8 +152,8 @@ class Variant:
         # it into L2 (at most `l2capMM` MB of them, default 32; whole steps only)
         self.l2pf = next((int(f[4:]) for f in flags if re.fullmatch(r"l2pf\d+", f)), 0)
         self.l2cap = next((int(f[5:]) for f in flags if re.fullmatch(r"l2cap\d+", f)), 32) << 20
-        flags = [f for f in flags if f not in ("mm", "pdl", "persist", "half", "mega", "gqa", "gqaall", "pair", "hc", "nostage", "stream", "mlp", "attcl")
-                 and not re.fullmatch(r"(smem|l2pf|l2cap|fuse|gqas)\d+", f)]
+        flags = [f for f in flags if f not in ("mm", "pdl", "persist", "half", "mega", "gqa", "gqaall", "pair", "hc", "nostage", "stream", "mlp", "attcl", "attfree")
+                 and not re.fullmatch(r"(smem|l2pf|l2cap|fuse|gqas|free)\d+", f)]
         cubin = os.path.join(out_dir, f"{name}.cubin")
         cmd = ["nvcc", "--cubin", "-O3", "-arch=sm_90", "-Xptxas", "-v", *flags, "-o", cubin, src]
         if prebuilt and os.path.exists(os.path.join(prebuilt, f"{name}.cubin")):
@@ -174,6 +180,7 @@ class Variant:
         self.xq_step = define_of("XQ_STEP", text, [], 0)
         # attention_split copying keys and values ahead into shared memory (floats of each)
         self.att_pf = define_of("ATT_PF", text, flags, 0)
+        self.free_ch = define_of("FREE_CH", text, flags, 128)  # `attfree`: positions a block at most
         self.splits = int(next((f[13:] for f in flags if f.startswith("-DATT_SPLITS=")), "16"))
         self.split_threads = int(next((f[16:] for f in flags if f.startswith("-DSPLIT_THREADS=")), "128"))
         self.wpr = int(next((f[6:] for f in flags if f.startswith("-DWPR=")), "1"))
@@ -280,10 +287,10 @@ class Model:
         rng = np.random.default_rng(seed)
         self.qt = qt
         self.layers = []
-        for _ in range(L):
+        for li in range(L):
             lay = {}
             for name, rows, k in [("qkv", QKV, H), ("o", H, HEADS * HD), ("gate_up", 2 * I, H), ("down", H, I)]:
-                lay[name] = rand_blocks(qt, rows, k, rng)
+                lay[name] = self.layers[0][name] if SAME and li else rand_blocks(qt, rows, k, rng)
             lay["attn_norm"] = cp.asarray(rng.uniform(0.5, 1.5, H).astype(np.float32))
             lay["ffn_norm"] = cp.asarray(rng.uniform(0.5, 1.5, H).astype(np.float32))
             if CAP == 1024:
@@ -518,6 +525,11 @@ def step_launches(v, m, nb, only=None):
         att, geo = v.mod.get_function(f"attention_gqa_{HD}"), ((splits, KVH, nb), (v.gqa_threads, 1, 1), smem)
         check(cuda.cuFuncSetAttribute(ctypes.c_void_p(att.ptr), 8, smem), "cuFuncSetAttribute")
         att_extra = [p(m.att_part), p(m.att_counter)]
+    elif v.attfree and nb == 1 and v._has(f"attention_free_{HD}"):  # a block per (KV head, chunk), 512 threads
+        smem = 4 * (2 * v.free_ch * 80 + (HEADS // KVH) * v.free_ch)
+        att, geo = v.mod.get_function(f"attention_free_{HD}"), ((KVH, -(-CAP // v.free_ch), 1), (512, 1, 1), smem)
+        check(cuda.cuFuncSetAttribute(ctypes.c_void_p(att.ptr), 8, smem), "cuFuncSetAttribute")
+        att_extra = [p(m.att_part), p(m.att_counter)]
     elif v.attcl and nb <= 2 and v._has(f"attention_cl_{HD}"):  # a cluster per (query head, sequence)
         smem = 2 * v.cl_pf * (HD + 4) * 4 + 4 * -(-CAP // v.att_cl)
         att, geo = v.mod.get_function(f"attention_cl_{HD}"), ((v.att_cl, HEADS, nb), (v.cl_threads, 1, 1), smem)
@@ -555,6 +567,8 @@ def step_launches(v, m, nb, only=None):
         hc_buf = m.head_ready.data.ptr + (4 * li * MAXB * (HEADS + KVH) if v.hc2 else 0)
         if hc:
             q[4][0].ready = hc_buf
+        if v.free:
+            q = (q[0], (min(q[1][0], SMS - v.free), 1, 1), *q[2:])
         out.append(("qkv", *q))
         out.append(("attention", att, *geo,
                     [p(m.qkv), ctypes.c_int(QKV), p(m.att), p(lay["k"]), p(lay["v"]), ctypes.c_int(HEADS),
@@ -697,7 +711,7 @@ def save_trace(v, m, graph, stream, stem):
 
 
 def main():
-    global CAP
+    global CAP, SAME
     ap = argparse.ArgumentParser()
     ap.add_argument("variants", nargs="+")
     ap.add_argument("--batch", default="8,1,16,32")
@@ -711,10 +725,13 @@ def main():
                     help="variants built by experiments/trace.py: save one step's kernel timeline")
     ap.add_argument("--prebuilt", help="folder of NAME.cubin files to use instead of compiling those variants "
                     "(built elsewhere with the nvcc command of `Variant`)")
+    ap.add_argument("--same-weights", action="store_true",
+                    help="probe: every layer multiplies layer 0's matrices (24.8 MB of Q4_K: they stay in the "
+                    "50 MB L2), so the step shows what the kernels cost with weight reads nearly free")
     ap.add_argument("--once", action="store_true",
                     help="launch one step of each variant once, without graphs (for a profiler), and stop")
     args = ap.parse_args()
-    CAP = args.cap
+    CAP, SAME = args.cap, args.same_weights
     vs = []
     for spec in args.variants:
         name, rest = spec.split("=", 1)

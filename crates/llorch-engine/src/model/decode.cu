@@ -1153,7 +1153,9 @@ __device__ void attention_head(const float* qkv, int ldq, float* out, float* kc,
 #define ATT_SPLITS 16
 #endif
 #define SPLIT_THREADS 128
+#ifndef ATT_PF
 #define ATT_PF 4096  // floats of keys (and as many of values) a block copies ahead
+#endif
 
 __device__ __forceinline__ void cp_async16(void* dst, const void* src) {
     const u32 d = (u32)__cvta_generic_to_shared(dst);

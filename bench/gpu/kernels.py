@@ -142,6 +142,7 @@ class Variant:
         self.attcl = "attcl" in flags
         # `attfree`: batch 1's attention as `attention_free_64` (experiments/attention_free.cu)
         self.attfree = "attfree" in flags
+        self.free_in_o = "-DFREE_IN_O=1" in flags
         # `freeN`: the QKV product's grid leaves N SMs free, so the attention blocks after it start on
         # them (and copy their keys and values) while it runs
         self.free = next((int(f[4:]) for f in flags if re.fullmatch(r"free\d+", f)), 0)
@@ -526,7 +527,8 @@ def step_launches(v, m, nb, only=None):
         check(cuda.cuFuncSetAttribute(ctypes.c_void_p(att.ptr), 8, smem), "cuFuncSetAttribute")
         att_extra = [p(m.att_part), p(m.att_counter)]
     elif v.attfree and nb == 1 and v._has(f"attention_free_{HD}"):  # a block per (KV head, chunk), 512 threads
-        smem = 4 * (2 * v.free_ch * 80 + (HEADS // KVH) * v.free_ch)
+        red = 16 * (HEADS // KVH) * HD  # the values' partial sums, after the scores if the keys' rows are too few
+        smem = 4 * (2 * v.free_ch * 80 + (HEADS // KVH) * v.free_ch + (red if red > v.free_ch * 80 else 0))
         att, geo = v.mod.get_function(f"attention_free_{HD}"), ((KVH, -(-CAP // v.free_ch), 1), (512, 1, 1), smem)
         check(cuda.cuFuncSetAttribute(ctypes.c_void_p(att.ptr), 8, smem), "cuFuncSetAttribute")
         att_extra = [p(m.att_part), p(m.att_counter)]
@@ -575,7 +577,13 @@ def step_launches(v, m, nb, only=None):
                      ctypes.c_int(KVH), ctypes.c_int(CAP), p(m.inv_freq), ctypes.c_int(0), pos, slot, n,
                      ctypes.c_float(HD ** -0.5), ctypes.c_int(1)] + att_extra  # write_kv (ignored by older kernels)
                     + ([ctypes.c_uint64(hc_buf)] if hc else [])))
-        out.append(("o", *mv_args(v, m, qt, 1, nb, *lay["o"], H, HEADS * HD, m.att, m.x, H, lay["ffn_norm"])))
+        o = mv_args(v, m, qt, 1, nb, *lay["o"], H, HEADS * HD, m.att, m.x, H, lay["ffn_norm"])
+        if v.attfree and nb == 1 and v.free_in_o and v._has(f"mv_{qt}_a1"):  # -DFREE_IN_O=1: the O product combines the chunks
+            fa = v.mod.get_function(f"mv_{qt}_a1")
+            a = o[4][0]
+            a.part, a.norm_next = m.att_part.data.ptr, m.params.data.ptr + 4 * MAXB
+            o = (fa, (min(o[1][0], resident_blocks(fa, o[2][0], o[3])), 1, 1), *o[2:])
+        out.append(("o", *o))
         norm_after(v, nb, out)
         if mlp:
             out.append(("gate_up", *mlp_launch(v, m, lay, li)))

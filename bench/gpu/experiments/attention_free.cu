@@ -13,7 +13,10 @@
 // (a thread per position and quarter of the dimensions, the key quarter kept in registers
 // for the 8 heads), the softmax (a warp per head), the values (a thread per 4 dimensions and
 // group of positions, the 8 heads at once), then the chunks combined in chunk order by the
-// last of the KV head's blocks (as `attention_gqa`, deterministic).
+// last of the KV head's blocks (as `attention_gqa`, deterministic), or with -DFREE_IN_O=1 by
+// the output projection as it reads its input (`mv_q4_k_a1`: `AttX` below), so that no block
+// waits for the others (a fence, a counter and a last block's pass: 2.45 us a layer in the
+// step by `-DFREE_PROBE=2`).
 
 #include "../../../crates/llorch-engine/src/model/decode.cu"
 
@@ -23,9 +26,13 @@
 #ifndef FREE_PROBE
 #define FREE_PROBE 0
 #endif
+#ifndef FREE_IN_O
+#define FREE_IN_O 0
+#endif
 #define FREE_T 512
 #define FREE_G 8     // query heads per KV head (TinyLlama)
 #define FREE_DP 80   // floats a key/value row in shared memory: two rows a 32-bank phase
+#define FREE_PS 68   // floats a chunk's result: max, sum, 2 unused, the D outputs (16-byte aligned)
 
 template <int D>
 __device__ void attention_free(const float* qkv, float* out, float* kc, float* vc, int heads, int kv_heads, int cap,
@@ -45,10 +52,10 @@ __device__ void attention_free(const float* qkv, float* out, float* kc, float* v
     extern __shared__ __align__(16) float sm[];
     float* ks = sm;                // [CH][DP]; after the scores: the values' partial sums
     float* vs = ks + CH * DP;      // [CH][DP]
-    float* ps = vs + CH * DP;      // [G][CH]: scores, then probabilities
+    float* ps = vs + CH * DP;      // [G][CH]: scores, then probabilities (then, for CH < 103, the
+                                   // values' partial sums)
     __shared__ __align__(16) float qs[G][D];
     __shared__ float mh[G], lh[G];
-    __shared__ bool last;
     const size_t base = ((size_t)slot * kv_heads + kvh) * (size_t)cap * D;
     float* kb = kc + base;
     float* vb = vc + base;
@@ -147,8 +154,8 @@ __device__ void attention_free(const float* qkv, float* out, float* kc, float* v
     for (int h = 0; h < G; ++h)
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc[h][e] += __shfl_xor_sync(0xffffffffu, acc[h][e], 16);
-    float* red = ks;  // [NW][G][D]: the keys are no longer read
-    static_assert(NW * G * D <= CH * DP, "the partial sums fit where the keys were");
+    // [NW][G][D]: where the keys were (no longer read), or after the scores when that is too small
+    float* red = NW * G * D <= CH * DP ? ks : ps + G * CH;
     if (lane < 16) {
 #pragma unroll
         for (int h = 0; h < G; ++h)
@@ -160,29 +167,25 @@ __device__ void attention_free(const float* qkv, float* out, float* kc, float* v
 #pragma unroll
     for (int w = 0; w < NW; ++w) o += red[(w * G + h) * D + d];
     const int hq = kvh * G + h;
-    if (S == 1) {
+    if (S == 1 && !FREE_IN_O) {
         out[hq * D + d] = o / lh[h];
         return;
     }
-    float* mine = part + ((size_t)hq * ATT_SPLITS + sp) * (D + 2);
-    mine[2 + d] = o;
+    float* mine = part + ((size_t)hq * ATT_SPLITS + sp) * FREE_PS;
+    mine[4 + d] = o;
     if (d == 0) mine[0] = mh[h], mine[1] = lh[h];
-#if FREE_PROBE == 2  // timing probe (wrong values): the chunks' results written, not combined
+#if FREE_PROBE == 2 || FREE_IN_O  // (probe 2: timing only, the chunks' results are not combined)
     return;
 #endif
-    __threadfence();
-    __syncthreads();
-    if (t == 0) last = atomicAdd(counter + kvh, 1u) == (u32)S - 1;
-    __syncthreads();
-    if (!last) return;
+    if (!last_to_arrive(counter + kvh, (u32)S)) return;
     // the last block: every chunk's (max, sum, output) of the thread's head, loads first
-    const float* all = part + (size_t)hq * ATT_SPLITS * (D + 2);
+    const float* all = part + (size_t)hq * ATT_SPLITS * FREE_PS;
     float cm[ATT_SPLITS], cl[ATT_SPLITS], co[ATT_SPLITS];
 #pragma unroll
     for (int c = 0; c < ATT_SPLITS; ++c) {
         if (c < S) {
-            cm[c] = __ldcg(all + c * (D + 2)), cl[c] = __ldcg(all + c * (D + 2) + 1);
-            co[c] = __ldcg(all + c * (D + 2) + 2 + d);
+            cm[c] = __ldcg(all + c * FREE_PS), cl[c] = __ldcg(all + c * FREE_PS + 1);
+            co[c] = __ldcg(all + c * FREE_PS + 4 + d);
         }
     }
     float m = -INFINITY;
@@ -208,4 +211,52 @@ extern "C" __global__ void __launch_bounds__(FREE_T, 1)
                       const float* inv_freq, int interleaved, const int* pos, const int* slot, const int* n,
                       float scale, int write_kv, float* part, u32* counter) {
     attention_free<64>(qkv, out, kc, vc, heads, kv_heads, cap, inv_freq, interleaved, pos, slot, scale, part, counter);
+}
+
+// The output projection's input read from the chunks' results (-DFREE_IN_O=1): columns c..c+15
+// of head c / 64 as the chunks' outputs weighted by exp(max - overall max) / overall sum, in
+// chunk order. `a.part`: the results [sequence][head][ATT_SPLITS][FREE_PS]; `a.norm_next`:
+// the sequences' positions (int), borrowed fields the matrix-vector kernels do not use.
+struct AttX {
+    __device__ __forceinline__ void operator()(const MvArgs& a, int i, int c, float (&v)[16]) const {
+        constexpr int D = 64;
+        const int len = ((const int*)a.norm_next)[i] + 1;
+        const int S = (len + FREE_CH - 1) / FREE_CH, heads = a.k / D;
+        const float* r = a.part + ((size_t)i * heads + c / D) * ATT_SPLITS * FREE_PS + 4 + c % D;
+        float w[ATT_SPLITS], l[ATT_SPLITS], m = -INFINITY;
+#pragma unroll
+        for (int s = 0; s < ATT_SPLITS; ++s) {
+            if (s < S) {
+                const float2 ml = __ldcg((const float2*)(r - 4 - c % D + s * FREE_PS));
+                w[s] = ml.x, l[s] = ml.y;
+                m = fmaxf(m, ml.x);
+            }
+        }
+        float sum = 0.f;
+#pragma unroll
+        for (int s = 0; s < ATT_SPLITS; ++s) {
+            if (s < S) {
+                w[s] = expf(w[s] - m);
+                sum += l[s] * w[s];
+            }
+        }
+        const float inv = 1.f / sum;
+#pragma unroll
+        for (int e = 0; e < 16; ++e) v[e] = 0.f;
+#pragma unroll
+        for (int s = 0; s < ATT_SPLITS; ++s) {
+            if (s < S) {
+                const float f = w[s] * inv;
+#pragma unroll
+                for (int e4 = 0; e4 < 4; ++e4) {
+                    const float4 o = __ldcg((const float4*)(r + s * FREE_PS + 4 * e4));
+                    v[4 * e4] += f * o.x, v[4 * e4 + 1] += f * o.y, v[4 * e4 + 2] += f * o.z, v[4 * e4 + 3] += f * o.w;
+                }
+            }
+        }
+    }
+};
+
+extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) mv_q4_k_a1(MvArgs a) {
+    matvec<T_Q4_K, 1, MODE_RESID, AttX>(a, AttX());
 }

@@ -343,11 +343,20 @@ __device__ __forceinline__ void norm_pre(const MvArgs& a, int n, int ng, NormPre
     load16(a.norm_in + c, p.w);
 }
 
+// How a product reads its 16 input columns c.. of row i: from `x` (every product of the
+// engine); an experiment may read them otherwise (`bench/gpu/experiments/attention_free.cu`).
+struct PlainX {
+    __device__ __forceinline__ void operator()(const MvArgs& a, int i, int c, float (&v)[16]) const {
+        load16(a.x + (size_t)i * a.k + c, v);
+    }
+};
+
 // With `norm_in` the rows are RMS-normed: the norm's weights multiply x before rounding and
 // the row's 1 / rms goes to `rs`, for the kernel to scale its sums with (the normed copy is
 // never written: no extra pass over the rows, no last block that waits for the others).
-template <int QT, int NB>
-__device__ void quantize_x(const MvArgs& a, int n, int ng, uint8_t* sm, float* rs, const NormPre& np) {
+template <int QT, int NB, typename LX = PlainX>
+__device__ void quantize_x(const MvArgs& a, int n, int ng, uint8_t* sm, float* rs, const NormPre& np,
+                           const LX& load_x = LX()) {
     const int per = ng * 64;  // (step, lane, half)
     float ss[NB];  // this thread's sums of squares per row
 #pragma unroll
@@ -357,7 +366,7 @@ __device__ void quantize_x(const MvArgs& a, int n, int ng, uint8_t* sm, float* r
         int c;
         if (!item_col<QT>(rem, a.k, c)) continue;
         float v[16];
-        load16(a.x + (size_t)i * a.k + c, v);
+        load_x(a, i, c, v);
         if (a.norm_in) {
             const float* gp = a.norm_in + c;
             float s2 = 0.f;
@@ -504,8 +513,8 @@ __device__ __forceinline__ void mul_step(const Raw (&raw)[RW], int lane, const u
     }
 }
 
-template <int QT, int NB, int MODE>
-__device__ void matvec(const MvArgs& a) {
+template <int QT, int NB, int MODE, typename LX = PlainX>
+__device__ void matvec(const MvArgs& a, const LX& load_x = LX()) {
     constexpr int RW = MODE == MODE_GLU ? 2 : 1;  // weight rows per warp
     constexpr int U = MODE == MODE_GLU ? UG_GLU : UG;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -532,7 +541,7 @@ __device__ void matvec(const MvArgs& a) {
     pdl_wait();
     extern __shared__ __align__(16) uint8_t xq[];  // NB * ng * XQ_STEP bytes (graph.rs)
     __shared__ float rs[NB];
-    quantize_x<QT, NB>(a, n, ng, xq, rs, np);
+    quantize_x<QT, NB>(a, n, ng, xq, rs, np, load_x);
     float acc[RW][NB];
 #pragma unroll
     for (int h = 0; h < RW; ++h)
@@ -1308,6 +1317,31 @@ __device__ __forceinline__ float attend_chunk(const float* qs, const float* kn, 
     return v;
 }
 
+// Whether this block is the last of `S` to arrive at `cnt` (after the block's writes); the
+// last one then sees every other block's writes from before its arrival. ATT_SYNC 1: thread
+// 0 adds with acquire-release semantics after the block barrier (one round trip to L2), 0: a
+// fence by every thread first, then a relaxed add (two).
+#ifndef ATT_SYNC
+#define ATT_SYNC 0
+#endif
+__device__ __forceinline__ bool last_to_arrive(u32* cnt, u32 S) {
+    __shared__ bool last;
+#if ATT_SYNC == 1
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        u32 old;
+        asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(old) : "l"(cnt) : "memory");
+        last = old == S - 1;
+    }
+#else
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(cnt, 1u) == S - 1;
+#endif
+    __syncthreads();
+    return last;
+}
+
 template <int D, int T, int PFF>
 __device__ void attention_split(const float* qkv, int ldq, float* out, float* kc, float* vc,
                                 int heads, int kv_heads, int cap, const float* inv_freq,
@@ -1335,7 +1369,6 @@ __device__ void attention_split(const float* qkv, int ldq, float* out, float* kc
     __shared__ __align__(16) float qs[D];
     __shared__ __align__(16) float kn[D];
     __shared__ __align__(16) float vn[D];
-    __shared__ bool last;
     const bool has_new = j1 == len;  // this chunk holds the new position
     new_row<D>(qkv + (size_t)i * ldq, h, heads, kv_heads, kvh, has_new, interleaved, sn, cs, qs, kn, vn);
     asm volatile("cp.async.wait_all;" ::: "memory");
@@ -1355,12 +1388,8 @@ __device__ void attention_split(const float* qkv, int ldq, float* out, float* kc
     float* mine = part + (((size_t)i * heads + h) * ATT_SPLITS + sp) * (D + 2);
     if (t < D) mine[2 + t] = ov;
     if (t == 0) mine[0] = mx, mine[1] = den;
-    __threadfence();
-    __syncthreads();
     u32* cnt = counter + (size_t)i * heads + h;
-    if (t == 0) last = atomicAdd(cnt, 1u) == (u32)S - 1;
-    __syncthreads();
-    if (!last) return;
+    if (!last_to_arrive(cnt, (u32)S)) return;
     // The chunks' results, staged in shared memory by independent loads (the copied keys
     // and values are no longer needed): read in the combining loop, each load waited for
     // before the next, they were a chain of round trips to L2 (kernels.py, batch 1: the
@@ -1452,7 +1481,6 @@ __device__ void attention_gqa(const float* qkv, int ldq, float* out, float* kc, 
     __shared__ __align__(16) float qs[ATT_GMAX][D];
     __shared__ __align__(16) float kn[D];
     __shared__ __align__(16) float vn[D];
-    __shared__ bool last;
     const float* row = qkv + (size_t)i * ldq;
     const bool has_new = write_kv && j1 == len;  // this chunk holds the new position
     rope_group<D, GQA_THREADS>(row, heads, kvh, group, pos, inv_freq, interleaved, has_new, qs, kn);
@@ -1519,12 +1547,8 @@ __device__ void attention_gqa(const float* qkv, int ldq, float* out, float* kc, 
     }
     if (S == 1) return;
     // the last of the (sequence, KV head)'s chunks combines them, in chunk order
-    __threadfence();
-    __syncthreads();
     u32* cnt = counter + (size_t)i * kv_heads + kvh;
-    if (t == 0) last = atomicAdd(cnt, 1u) == (u32)S - 1;
-    __syncthreads();
-    if (!last) return;
+    if (!last_to_arrive(cnt, (u32)S)) return;
     // every chunk's results of the group's heads: staged in shared memory by coalesced loads
     // where they fit (the copied keys and values are no longer needed), then combined
     const float* all = part + ((size_t)i * heads + kvh * group) * ATT_SPLITS * (D + 2);

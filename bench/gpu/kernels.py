@@ -34,7 +34,10 @@ streaming weights into shared memory (`experiments/stream_step.cu`), `mlp` batch
 SwiGLU and down as one kernel split over the intermediate columns (`experiments/mlp_fused.cu`,
 `-DMLP_NORED|NODOWN|NOSLAB`: timing probes): all tried and slower. `attcl` runs batches 1-2's
 attention as a cluster of `-DATT_CL=N` blocks per (sequence, head) (`experiments/attention_cluster.cu`:
-faster only at short contexts; `--cap 4096 --pos 2000` measures long ones). `--trace` saves one step's per-block timeline from a file made by
+faster only at short contexts; `--cap 4096 --pos 2000` measures long ones). `one` runs batch 1's
+attention as `attention_one_64` (graph.rs's batch-1 kernel since the thirteenth session) and `freeN`
+launches the QKV product on N SMs fewer (graph.rs: 10 a KV head), so its blocks start beside it;
+`--same-weights` makes every layer multiply layer 0's matrices (a probe: weights from L2). `--trace` saves one step's per-block timeline from a file made by
 `experiments/trace.py make`. `-DATT_SPLITS=N` sizes the attention grids, `-DMM_WARPS_R=N` / `-DMM_WARPS=N` the tensor-core residual / other products' blocks
 (16 for the others does not compile as it is: SwiGLU's 32-sequence reduction would take 64 KB of
 shared memory; `experiments/mm-wide-blocks.patch`: `-DMM_RB_P|R|G=N` their output rows a block;
@@ -140,9 +143,9 @@ class Variant:
         # `attcl`: batches 1-2 attention as a cluster of ATT_CL blocks per (sequence, head),
         # chunks combined over distributed shared memory (`experiments/attention_cluster.cu`)
         self.attcl = "attcl" in flags
-        # `attfree`: batch 1's attention as `attention_free_64` (experiments/attention_free.cu)
-        self.attfree = "attfree" in flags
-        self.free_in_o = "-DFREE_IN_O=1" in flags
+        # `one`: batch 1's attention as `attention_one_64` (with `freeN`: on the SMs the QKV
+        # product leaves free, as graph.rs launches it)
+        self.one = "one" in flags
         # `freeN`: the QKV product's grid leaves N SMs free, so the attention blocks after it start on
         # them (and copy their keys and values) while it runs
         self.free = next((int(f[4:]) for f in flags if re.fullmatch(r"free\d+", f)), 0)
@@ -153,7 +156,7 @@ class Variant:
         # it into L2 (at most `l2capMM` MB of them, default 32; whole steps only)
         self.l2pf = next((int(f[4:]) for f in flags if re.fullmatch(r"l2pf\d+", f)), 0)
         self.l2cap = next((int(f[5:]) for f in flags if re.fullmatch(r"l2cap\d+", f)), 32) << 20
-        flags = [f for f in flags if f not in ("mm", "pdl", "persist", "half", "mega", "gqa", "gqaall", "pair", "hc", "nostage", "stream", "mlp", "attcl", "attfree")
+        flags = [f for f in flags if f not in ("mm", "pdl", "persist", "half", "mega", "gqa", "gqaall", "pair", "hc", "nostage", "stream", "mlp", "attcl", "one")
                  and not re.fullmatch(r"(smem|l2pf|l2cap|fuse|gqas|free)\d+", f)]
         cubin = os.path.join(out_dir, f"{name}.cubin")
         cmd = ["nvcc", "--cubin", "-O3", "-arch=sm_90", "-Xptxas", "-v", *flags, "-o", cubin, src]
@@ -181,7 +184,7 @@ class Variant:
         self.xq_step = define_of("XQ_STEP", text, [], 0)
         # attention_split copying keys and values ahead into shared memory (floats of each)
         self.att_pf = define_of("ATT_PF", text, flags, 0)
-        self.free_ch = define_of("FREE_CH", text, flags, 128)  # `attfree`: positions a block at most
+        self.att_chunk = define_of("ATT_CHUNK", text, flags, 32)
         self.splits = int(next((f[13:] for f in flags if f.startswith("-DATT_SPLITS=")), "16"))
         self.split_threads = int(next((f[16:] for f in flags if f.startswith("-DSPLIT_THREADS=")), "128"))
         self.wpr = int(next((f[6:] for f in flags if f.startswith("-DWPR=")), "1"))
@@ -521,15 +524,15 @@ def step_launches(v, m, nb, only=None):
         att, geo = v.mod.get_function(f"attention_{HD}"), ((HEADS, nb, 1), (1024, 1, 1), 4 * CAP)
     elif (nb < v.mm_from or v.gqaall) and v.gqa:  # a block per (KV head, chunk of positions)
         splits = v.gqas if v.gqas and nb >= v.mm_from else v.splits
-        chunk = max(32, -(-CAP // splits))
+        chunk = max(v.att_chunk, -(-CAP // splits))
         smem = 4 * (HEADS // KVH) * ((chunk + 3) & ~3) + 2 * (v.att_pf // HD) * (HD + 4) * 4
         att, geo = v.mod.get_function(f"attention_gqa_{HD}"), ((splits, KVH, nb), (v.gqa_threads, 1, 1), smem)
         check(cuda.cuFuncSetAttribute(ctypes.c_void_p(att.ptr), 8, smem), "cuFuncSetAttribute")
         att_extra = [p(m.att_part), p(m.att_counter)]
-    elif v.attfree and nb == 1 and v._has(f"attention_free_{HD}"):  # a block per (KV head, chunk), 512 threads
-        red = 16 * (HEADS // KVH) * HD  # the values' partial sums, after the scores if the keys' rows are too few
-        smem = 4 * (2 * v.free_ch * 80 + (HEADS // KVH) * v.free_ch + (red if red > v.free_ch * 80 else 0))
-        att, geo = v.mod.get_function(f"attention_free_{HD}"), ((KVH, -(-CAP // v.free_ch), 1), (512, 1, 1), smem)
+    elif v.one and nb == 1 and v._has(f"attention_one_{HD}_g{HEADS // KVH}"):  # a block per (KV head, chunk), 512 threads
+        ps = (max(64, -(-CAP // v.splits)) + 3) & ~3  # `one_stride`
+        smem = 4 * (2 * 64 * 80 + 8 * ps + 16 * 8 * HD)
+        att, geo = v.mod.get_function(f"attention_one_{HD}_g{HEADS // KVH}"), ((KVH, min(-(-CAP // 64), v.splits), 1), (512, 1, 1), smem)
         check(cuda.cuFuncSetAttribute(ctypes.c_void_p(att.ptr), 8, smem), "cuFuncSetAttribute")
         att_extra = [p(m.att_part), p(m.att_counter)]
     elif v.attcl and nb <= 2 and v._has(f"attention_cl_{HD}"):  # a cluster per (query head, sequence)
@@ -577,13 +580,7 @@ def step_launches(v, m, nb, only=None):
                      ctypes.c_int(KVH), ctypes.c_int(CAP), p(m.inv_freq), ctypes.c_int(0), pos, slot, n,
                      ctypes.c_float(HD ** -0.5), ctypes.c_int(1)] + att_extra  # write_kv (ignored by older kernels)
                     + ([ctypes.c_uint64(hc_buf)] if hc else [])))
-        o = mv_args(v, m, qt, 1, nb, *lay["o"], H, HEADS * HD, m.att, m.x, H, lay["ffn_norm"])
-        if v.attfree and nb == 1 and v.free_in_o and v._has(f"mv_{qt}_a1"):  # -DFREE_IN_O=1: the O product combines the chunks
-            fa = v.mod.get_function(f"mv_{qt}_a1")
-            a = o[4][0]
-            a.part, a.norm_next = m.att_part.data.ptr, m.params.data.ptr + 4 * MAXB
-            o = (fa, (min(o[1][0], resident_blocks(fa, o[2][0], o[3])), 1, 1), *o[2:])
-        out.append(("o", *o))
+        out.append(("o", *mv_args(v, m, qt, 1, nb, *lay["o"], H, HEADS * HD, m.att, m.x, H, lay["ffn_norm"])))
         norm_after(v, nb, out)
         if mlp:
             out.append(("gate_up", *mlp_launch(v, m, lay, li)))

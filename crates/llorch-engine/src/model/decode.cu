@@ -1318,26 +1318,18 @@ __device__ __forceinline__ float attend_chunk(const float* qs, const float* kn, 
 }
 
 // Whether this block is the last of `S` to arrive at `cnt` (after the block's writes); the
-// last one then sees every other block's writes from before its arrival. ATT_SYNC 1: thread
-// 0 adds with acquire-release semantics after the block barrier (one round trip to L2), 0: a
-// fence by every thread first, then a relaxed add (two).
-#ifndef ATT_SYNC
-#define ATT_SYNC 0
-#endif
+// last one then sees every other block's writes from before its arrival. Thread 0 adds with
+// acquire-release semantics after the block's barrier: one round trip to L2 where a fence by
+// every thread and then a plain add took two (H100, `kernels.py` Q4_K step: batch 8 2.221 ->
+// 2.167 ms, 2: 0.845 -> 0.837, 1: level; logits bitwise as before; `kernels-sync-log.txt`).
 __device__ __forceinline__ bool last_to_arrive(u32* cnt, u32 S) {
     __shared__ bool last;
-#if ATT_SYNC == 1
     __syncthreads();
     if (threadIdx.x == 0) {
         u32 old;
         asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(old) : "l"(cnt) : "memory");
         last = old == S - 1;
     }
-#else
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) last = atomicAdd(cnt, 1u) == S - 1;
-#endif
     __syncthreads();
     return last;
 }
@@ -1573,6 +1565,226 @@ __device__ void attention_gqa(const float* qkv, int ldq, float* out, float* kc, 
     if (t == 0) *cnt = 0;
 }
 
+// Decode attention for one sequence (the batch-1 bucket): a 512-thread block per (KV head,
+// chunk of at most ONE_CH positions) does every query head that shares the KV head, each
+// cached key and value copied to shared memory once, before the wait. The graph runs the QKV
+// product before it on all but `one_free` SMs (graph.rs), so these blocks start on SMs of
+// their own and reach the wait while the QKV product runs; `attention_split`'s blocks start
+// as the QKV product's leave. After the wait: the queries' RoPE, the scores (a thread per
+// position and quarter of the dimensions, its key quarter in registers for all the heads),
+// the softmax (a warp per head), the values (a thread per 4 dimensions and group of
+// positions, all heads at once), then the last of the KV head's blocks combines the chunks
+// in chunk order (deterministic). H100, `kernels.py` Q4_K step at batch 1, against
+// `attention_split`: see `kernels-one-log.txt`. Head size 64, 1 to 8 query heads a KV head
+// (`G`, a kernel each: the loops over the heads unrolled).
+#define ONE_CH 64   // positions a block copies ahead (more only past ATT_SPLITS chunks)
+#define ONE_T 512
+#define ONE_DP 80   // floats a cached row takes in shared memory: two rows fill the 32 banks
+
+// Floats of one head's scores (the longest chunk): graph.rs sizes the shared memory with it.
+__device__ __forceinline__ int one_stride(int cap) {
+    return (max(ONE_CH, (cap + ATT_SPLITS - 1) / ATT_SPLITS) + 3) & ~3;
+}
+
+template <int D, int G>
+__device__ void attention_one(const float* qkv, float* out, float* kc, float* vc, int heads, int kv_heads, int cap,
+                              const float* inv_freq, int interleaved, const int* pos_a, const int* slot_a,
+                              const int* n, float scale, int write_kv, float* part, u32* counter) {
+    static_assert(D == 64, "the thread layouts take 64 dimensions");
+    constexpr int CH = ONE_CH, T = ONE_T, DP = ONE_DP, NW = T / 32;
+    static_assert(G >= 1 && G * D <= T, "a thread per output of the group");
+    const int kvh = blockIdx.x, sp = blockIdx.y;
+    const int t = threadIdx.x, lane = t & 31, warp = t >> 5;
+    // the step's rows, position and slot come from the host's upload: loaded together
+    const int rows = *n, pos = pos_a[0], slot = slot_a[0], len = pos + 1;
+    if (rows < 1) {
+        pdl_wait();
+        return;
+    }
+    const int S = min((len + CH - 1) / CH, ATT_SPLITS), chunk = (len + S - 1) / S;
+    const int j0 = sp * chunk, j1 = min(len, j0 + chunk), cnt = j1 - j0;
+    if (sp >= S) {
+        pdl_wait();
+        return;
+    }
+    const int PS = one_stride(cap);
+    extern __shared__ __align__(16) float sm[];
+    float* ks = sm;                 // [CH][DP]
+    float* vs = ks + CH * DP;       // [CH][DP]
+    float* ps = vs + CH * DP;       // [G][PS]: scores, then probabilities
+    float* red = ps + G * PS;       // [NW][G][D]: the values' sums per warp
+    __shared__ __align__(16) float qs[G][D];
+    __shared__ __align__(16) float kn[D];
+    __shared__ __align__(16) float vn[D];
+    __shared__ float mh[G], lh[G];
+    const size_t base = ((size_t)slot * kv_heads + kvh) * (size_t)cap * D;
+    float* kb = kc + base;
+    float* vb = vc + base;
+    // decode steps: positions before `pos` from the cache, the new one (row nc) from the QKV
+    // row, into shared memory with the others where it fits
+    const bool has_new = write_kv && j1 == len;
+    const int nc = has_new ? cnt - 1 : cnt, npf = min(nc, CH);
+    for (int c = t; c < npf * (D / 4); c += T) {
+        const int j = c / (D / 4), e = 4 * (c % (D / 4));
+        cp_async16(ks + j * DP + e, kb + (size_t)(j0 + j) * D + e);
+        cp_async16(vs + j * DP + e, vb + (size_t)(j0 + j) * D + e);
+    }
+    asm volatile("cp.async.commit_group;" ::: "memory");
+    const int pr = t % (D / 2);
+    float sn = 0.f, cs = 1.f;
+    if (t < (G + 1) * (D / 2)) sincosf((float)pos * inv_freq[pr], &sn, &cs);
+    pdl_wait();
+    const int a = interleaved ? 2 * pr : pr, b = interleaved ? 2 * pr + 1 : pr + D / 2;
+    float* kr_new = nc < CH ? ks + nc * DP : kn;
+    float* vr_new = nc < CH ? vs + nc * DP : vn;
+    if (t < G * (D / 2)) {
+        rope_pair(qkv + (kvh * G + t / (D / 2)) * D, a, b, sn, cs, qs[t / (D / 2)]);
+    } else if (t < (G + 1) * (D / 2)) {
+        if (has_new) rope_pair(qkv + (heads + kvh) * D, a, b, sn, cs, kr_new);
+    } else if (t < (G + 1) * (D / 2) + D) {
+        if (has_new) vr_new[t - (G + 1) * (D / 2)] = qkv[(heads + kv_heads + kvh) * D + t - (G + 1) * (D / 2)];
+    }
+    asm volatile("cp.async.wait_all;" ::: "memory");
+    __syncthreads();
+    if (has_new && t < D) {
+        kb[(size_t)pos * D + t] = kr_new[t];
+        vb[(size_t)pos * D + t] = vr_new[t];
+    }
+    // scores: thread (position t / 4, float4s q, q + 4, q + 8, q + 12 of the key, q = t % 4);
+    // `row`: where row p of the chunk is (past CH: the new one, or from the cache)
+    auto scores = [&](auto row) {
+        for (int p0 = 0; p0 < cnt; p0 += T / 4) {
+            const int p = p0 + (t >> 2), q = t & 3;
+            const bool ok = p < cnt;
+            const float* kr = row(ks, kn, kb, ok ? p : 0);
+            float4 k4[4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+                k4[i] = ok ? *(const float4*)(kr + 4 * (4 * i + q)) : make_float4(0.f, 0.f, 0.f, 0.f);
+            float d[G];
+#pragma unroll
+            for (int h = 0; h < G; ++h) {
+                float s = 0.f;
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const float4 q4 = *(const float4*)(&qs[h][4 * (4 * i + q)]);
+                    s += q4.x * k4[i].x + q4.y * k4[i].y + q4.z * k4[i].z + q4.w * k4[i].w;
+                }
+                s += __shfl_xor_sync(0xffffffffu, s, 1);
+                s += __shfl_xor_sync(0xffffffffu, s, 2);
+                d[h] = s;
+            }
+            if (ok && q == 0) {
+#pragma unroll
+                for (int h = 0; h < G; ++h) ps[h * PS + p] = d[h] * scale;
+            }
+        }
+    };
+    auto in_smem = [](const float* sh, const float*, const float*, int p) -> const float* { return sh + p * DP; };
+    auto anywhere = [&](const float* sh, const float* nw, const float* gl, int p) -> const float* {
+        return p < CH ? sh + p * DP : p == nc ? nw : gl + (size_t)(j0 + p) * D;
+    };
+    if (cnt <= CH) {
+        scores(in_smem);
+    } else {
+        scores(anywhere);
+    }
+    __syncthreads();
+    // softmax: a warp per head
+    if (warp < G) {
+        float* sc = ps + warp * PS;
+        float mx = -INFINITY;
+        for (int j = lane; j < cnt; j += 32) mx = fmaxf(mx, sc[j]);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+        float sum = 0.f;
+        for (int j = lane; j < cnt; j += 32) {
+            const float e = expf(sc[j] - mx);
+            sc[j] = e;
+            sum += e;
+        }
+        sum = warp_sum(sum);
+        if (lane == 0) mh[warp] = mx, lh[warp] = sum;
+    }
+    __syncthreads();
+    // values: thread (4 dimensions dq = t % 16, positions t / 16 + 32 k), every head at once
+    const int dq = t & 15;
+    float acc[G][4];
+#pragma unroll
+    for (int h = 0; h < G; ++h) acc[h][0] = acc[h][1] = acc[h][2] = acc[h][3] = 0.f;
+    auto values = [&](auto row) {
+        for (int p = t >> 4; p < cnt; p += T / 16) {
+            const float4 v = *(const float4*)(row(vs, vn, vb, p) + 4 * dq);
+#pragma unroll
+            for (int h = 0; h < G; ++h) {
+                const float w = ps[h * PS + p];
+                acc[h][0] += w * v.x, acc[h][1] += w * v.y, acc[h][2] += w * v.z, acc[h][3] += w * v.w;
+            }
+        }
+    };
+    if (cnt <= CH) {
+        values(in_smem);
+    } else {
+        values(anywhere);
+    }
+    // lanes 16-31 hold the next position group of lanes 0-15; then the warps' sums
+#pragma unroll
+    for (int h = 0; h < G; ++h)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[h][e] += __shfl_xor_sync(0xffffffffu, acc[h][e], 16);
+    if (lane < 16) {
+#pragma unroll
+        for (int h = 0; h < G; ++h)
+            *(float4*)(red + (warp * G + h) * D + 4 * dq) = make_float4(acc[h][0], acc[h][1], acc[h][2], acc[h][3]);
+    }
+    __syncthreads();
+    const int h = t / D, d = t % D, hq = kvh * G + h;
+    const bool mine = h < G;
+    float o = 0.f;
+    if (mine) {
+#pragma unroll
+        for (int w = 0; w < NW; ++w) o += red[(w * G + h) * D + d];
+    }
+    if (S == 1) {
+        if (mine) out[hq * D + d] = o / lh[h];
+        return;
+    }
+    // this chunk's (max, sum, outputs) for the combining block
+    if (mine) {
+        float* r = part + ((size_t)hq * ATT_SPLITS + sp) * (D + 2);
+        r[2 + d] = o;
+        if (d == 0) r[0] = mh[h], r[1] = lh[h];
+    }
+    if (!last_to_arrive(counter + kvh, (u32)S)) return;
+    if (mine) {
+        // every chunk's (max, sum, output) of the thread's head: all loads first
+        const float* all = part + (size_t)hq * ATT_SPLITS * (D + 2);
+        float cm[ATT_SPLITS], cl[ATT_SPLITS], co[ATT_SPLITS];
+#pragma unroll
+        for (int c = 0; c < ATT_SPLITS; ++c) {
+            if (c < S) {
+                cm[c] = __ldcg(all + c * (D + 2)), cl[c] = __ldcg(all + c * (D + 2) + 1);
+                co[c] = __ldcg(all + c * (D + 2) + 2 + d);
+            }
+        }
+        float m = -INFINITY;
+#pragma unroll
+        for (int c = 0; c < ATT_SPLITS; ++c)
+            if (c < S) m = fmaxf(m, cm[c]);
+        float l = 0.f, v = 0.f;
+#pragma unroll
+        for (int c = 0; c < ATT_SPLITS; ++c) {
+            if (c < S) {
+                const float f = expf(cm[c] - m);
+                l += cl[c] * f;
+                v += co[c] * f;
+            }
+        }
+        out[hq * D + d] = v / l;
+    }
+    if (t == 0) counter[kvh] = 0;
+}
+
 // Decode attention for one (KV head, sequence) and all the query heads that share it
 // (grouped-query attention): RoPE on the new queries and key, the new key/value written to
 // the sequence's KV slot, then softmax over positions 0..=pos in two passes over score
@@ -1803,6 +2015,24 @@ MV_ALL(q6_k, T_Q6_K)
 
 ATT(64)
 ATT(128)
+// the same parameters as the other decode-attention kernels (`ldq` unused: one row), a kernel
+// per number of query heads that share a KV head (`attention_one_64_g<G>`)
+#define ONE(G)                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(ONE_T, 1) attention_one_64_g##G(                               \
+        const float* qkv, int ldq, float* out, float* kc, float* vc, int heads, int kv_heads, int cap,         \
+        const float* inv_freq, int interleaved, const int* pos, const int* slot, const int* n, float scale,    \
+        int write_kv, float* part, u32* counter) {                                                              \
+        attention_one<64, G>(qkv, out, kc, vc, heads, kv_heads, cap, inv_freq, interleaved, pos, slot, n, scale, \
+                             write_kv, part, counter);                                                          \
+    }
+ONE(1)
+ONE(2)
+ONE(3)
+ONE(4)
+ONE(5)
+ONE(6)
+ONE(7)
+ONE(8)
 
 extern "C" __global__ void __launch_bounds__(256) norm_rows_f32(MvArgs a) {
     pdl_wait();

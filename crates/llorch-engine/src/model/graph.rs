@@ -88,6 +88,24 @@ const MODE_GLU: i32 = 2;
 /// ahead (`ATT_PF`).
 const ATT_PF: usize = 4096;
 
+/// `attention_one` (the batch-1 bucket's attention, head size 64): positions a block copies
+/// ahead (`ONE_CH`), its threads (`ONE_T`), the floats a cached row takes in its shared memory
+/// (`ONE_DP`).
+const ONE_CH: usize = 64;
+const ONE_T: u32 = 512;
+const ONE_DP: usize = 80;
+/// SMs per KV head that the batch-1 bucket's QKV product leaves to `attention_one`'s blocks
+/// (its chunks up to 640 positions), so they start beside it instead of after it.
+const ONE_FREE: u32 = 10;
+
+/// Dynamic shared memory of `attention_one` for `group` query heads per KV head: the copied
+/// keys and values, each head's scores (`one_stride`: the longest chunk), the values' sums of
+/// each of its 16 warps.
+fn one_smem(cap: usize, group: usize) -> usize {
+    let stride = ONE_CH.max(cap.div_ceil(ATT_SPLITS)).next_multiple_of(4);
+    4 * (2 * ONE_CH * ONE_DP + group * stride + (ONE_T as usize / 32) * group * 64)
+}
+
 /// Dynamic shared memory of `attention_split` (`heads` 1) and `attention_gqa` (`heads`: the
 /// query heads per KV head): a chunk's scores per head, then the keys and values it copies
 /// ahead (`pf` floats of each) in rows padded by 4 floats.
@@ -333,6 +351,9 @@ pub struct GraphDecoder {
     /// KV head and its shared memory within bounds), else `attention_split` (4, 8) and
     /// `attention_group` (16).
     gqa: bool,
+    /// Whether the batch-1 bucket takes `attention_one` (head size 64, at most `ATT_GMAX`
+    /// query heads per KV head, its shared memory within bounds), else `attention_split`.
+    one: bool,
     layers: Vec<LayerDev>,
     embed: Mat,
     lm_head: Mat,
@@ -481,6 +502,7 @@ impl GraphDecoder {
         };
         let gqa =
             group <= ATT_GMAX && split_smem(plan.cap, plan.head_dim, group, ATT_PF) <= SMEM_MAX;
+        let one = plan.head_dim == 64 && group <= ATT_GMAX && one_smem(plan.cap, group) <= SMEM_MAX;
         let mut names = vec![
             format!("attention_head_{}", plan.head_dim),
             format!("attention_split_{}", plan.head_dim),
@@ -492,6 +514,9 @@ impl GraphDecoder {
         ];
         if mm_ok {
             names.push(format!("attention_group_{}", plan.head_dim));
+        }
+        if one {
+            names.push(format!("attention_one_64_g{group}"));
         }
         for t in tags {
             names.push(format!("embed_{t}"));
@@ -529,6 +554,13 @@ impl GraphDecoder {
                 )
                 .map_err(drv)?;
             }
+        }
+        if let Some(f) = funcs.get(&format!("attention_one_64_g{group}")) {
+            f.set_attribute(
+                sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                one_smem(plan.cap, group) as i32,
+            )
+            .map_err(drv)?;
         }
         for b in BUCKETS.into_iter().filter(|&b| b <= mv_max) {
             for (_, f) in funcs
@@ -599,6 +631,7 @@ impl GraphDecoder {
             sms,
             mv_max,
             gqa,
+            one,
             layers,
             embed,
             lm_head,
@@ -790,7 +823,15 @@ impl GraphDecoder {
     /// One matrix product launch: `mv_*` kernels with a warp per output row at a time
     /// (SwiGLU: its gate and up rows) and at most the blocks the GPU holds at once, or from
     /// [`MM_FROM`] sequences on `mm_*` with `MM_ROWS` per block.
-    fn mv(&self, label: &'static str, nb: usize, m: &Mat, mut a: MvArgs) -> Result<()> {
+    /// `reserve`: SMs the grid leaves free for the next kernel's blocks.
+    fn mv(
+        &self,
+        label: &'static str,
+        nb: usize,
+        m: &Mat,
+        mut a: MvArgs,
+        reserve: u32,
+    ) -> Result<()> {
         let t = crate::profile::start();
         let mode = match a.mode {
             MODE_PLAIN => "p",
@@ -827,7 +868,7 @@ impl GraphDecoder {
             let per_sm = f
                 .occupancy_max_active_blocks_per_multiprocessor(threads as u32, smem as usize, None)
                 .map_err(drv)?;
-            blocks = blocks.min(per_sm.max(1) * self.sms);
+            blocks = blocks.min(per_sm.max(1) * self.sms.saturating_sub(reserve).max(1));
         }
         let cfg = LaunchConfig {
             grid_dim: (blocks, 1, 1),
@@ -912,10 +953,20 @@ impl GraphDecoder {
             ..Default::default()
         };
         // the bucket's attention kernel (`buckets::attention_for`: measured bucket by bucket)
-        let kind = attention_for(nb, self.gqa);
+        let kind = attention_for(nb, self.gqa, self.one);
         let split = kind.chunked();
         let group = p.heads / p.kv_heads;
         let (att_f, att_grid, att_threads, att_smem) = match kind {
+            Attention::One => (
+                &self.funcs[&format!("attention_one_64_g{group}")],
+                (
+                    p.kv_heads as u32,
+                    p.cap.div_ceil(ONE_CH).min(ATT_SPLITS) as u32,
+                    1,
+                ),
+                ONE_T,
+                one_smem(p.cap, group),
+            ),
             Attention::Gqa => (
                 &self.funcs[&format!("attention_gqa_{}", p.head_dim)],
                 (ATT_SPLITS as u32, p.kv_heads as u32, nb as u32),
@@ -958,6 +1009,12 @@ impl GraphDecoder {
                 None => self.out_norm,
             };
             let (qkv_x, qkv_norm) = normed(l.attn_norm);
+            // `attention_one`'s blocks get SMs of their own beside the QKV product
+            let reserve = if kind == Attention::One {
+                (p.kv_heads as u32 * ONE_FREE).min(self.sms / 3)
+            } else {
+                0
+            };
             for (m, bias, off) in &l.qkv {
                 self.mv(
                     "gpu_qkv",
@@ -972,6 +1029,7 @@ impl GraphDecoder {
                         mode: MODE_PLAIN,
                         ..base
                     },
+                    reserve,
                 )?;
             }
             let t = crate::profile::start();
@@ -1011,6 +1069,7 @@ impl GraphDecoder {
                     x: att,
                     ..resid(l.ffn_norm)
                 },
+                0,
             )?;
             let (ffn_x, ffn_norm) = normed(l.ffn_norm);
             self.mv(
@@ -1025,6 +1084,7 @@ impl GraphDecoder {
                     mode: MODE_GLU,
                     ..base
                 },
+                0,
             )?;
             self.mv(
                 "gpu_down",
@@ -1034,6 +1094,7 @@ impl GraphDecoder {
                     x: act,
                     ..resid(next_norm)
                 },
+                0,
             )?;
         }
         let (head_x, head_norm) = normed(self.out_norm);
@@ -1049,6 +1110,7 @@ impl GraphDecoder {
                 mode: MODE_PLAIN,
                 ..base
             },
+            0,
         )?;
         let t = crate::profile::start();
         let vocab = p.vocab as i32;

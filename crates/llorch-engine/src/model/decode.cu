@@ -1320,8 +1320,9 @@ __device__ __forceinline__ float attend_chunk(const float* qs, const float* kn, 
 // Whether this block is the last of `S` to arrive at `cnt` (after the block's writes); the
 // last one then sees every other block's writes from before its arrival. Thread 0 adds with
 // acquire-release semantics after the block's barrier: one round trip to L2 where a fence by
-// every thread and then a plain add took two (H100, `kernels.py` Q4_K step: batch 8 2.221 ->
-// 2.167 ms, 2: 0.845 -> 0.837, 1: level; logits bitwise as before; `kernels-sync-log.txt`).
+// every thread and then a plain add took two (H100, `kernels.py` Q4_K step, logits bitwise as
+// before: `attention_split` at 2 rows 0.845 -> 0.837 ms, at 8 rows 2.221 -> 2.167; 1 row and
+// `attention_gqa` at 4 and 8 level; `kernels-one-log.txt`).
 __device__ __forceinline__ bool last_to_arrive(u32* cnt, u32 S) {
     __shared__ bool last;
     __syncthreads();

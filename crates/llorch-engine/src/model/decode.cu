@@ -343,20 +343,11 @@ __device__ __forceinline__ void norm_pre(const MvArgs& a, int n, int ng, NormPre
     load16(a.norm_in + c, p.w);
 }
 
-// How a product reads its 16 input columns c.. of row i: from `x` (every product of the
-// engine); an experiment may read them otherwise (`bench/gpu/experiments/attention_free.cu`).
-struct PlainX {
-    __device__ __forceinline__ void operator()(const MvArgs& a, int i, int c, float (&v)[16]) const {
-        load16(a.x + (size_t)i * a.k + c, v);
-    }
-};
-
 // With `norm_in` the rows are RMS-normed: the norm's weights multiply x before rounding and
 // the row's 1 / rms goes to `rs`, for the kernel to scale its sums with (the normed copy is
 // never written: no extra pass over the rows, no last block that waits for the others).
-template <int QT, int NB, typename LX = PlainX>
-__device__ void quantize_x(const MvArgs& a, int n, int ng, uint8_t* sm, float* rs, const NormPre& np,
-                           const LX& load_x = LX()) {
+template <int QT, int NB>
+__device__ void quantize_x(const MvArgs& a, int n, int ng, uint8_t* sm, float* rs, const NormPre& np) {
     const int per = ng * 64;  // (step, lane, half)
     float ss[NB];  // this thread's sums of squares per row
 #pragma unroll
@@ -366,7 +357,7 @@ __device__ void quantize_x(const MvArgs& a, int n, int ng, uint8_t* sm, float* r
         int c;
         if (!item_col<QT>(rem, a.k, c)) continue;
         float v[16];
-        load_x(a, i, c, v);
+        load16(a.x + (size_t)i * a.k + c, v);
         if (a.norm_in) {
             const float* gp = a.norm_in + c;
             float s2 = 0.f;
@@ -513,8 +504,8 @@ __device__ __forceinline__ void mul_step(const Raw (&raw)[RW], int lane, const u
     }
 }
 
-template <int QT, int NB, int MODE, typename LX = PlainX>
-__device__ void matvec(const MvArgs& a, const LX& load_x = LX()) {
+template <int QT, int NB, int MODE>
+__device__ void matvec(const MvArgs& a) {
     constexpr int RW = MODE == MODE_GLU ? 2 : 1;  // weight rows per warp
     constexpr int U = MODE == MODE_GLU ? UG_GLU : UG;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -541,7 +532,7 @@ __device__ void matvec(const MvArgs& a, const LX& load_x = LX()) {
     pdl_wait();
     extern __shared__ __align__(16) uint8_t xq[];  // NB * ng * XQ_STEP bytes (graph.rs)
     __shared__ float rs[NB];
-    quantize_x<QT, NB>(a, n, ng, xq, rs, np, load_x);
+    quantize_x<QT, NB>(a, n, ng, xq, rs, np);
     float acc[RW][NB];
 #pragma unroll
     for (int h = 0; h < RW; ++h)

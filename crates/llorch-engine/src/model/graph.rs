@@ -991,6 +991,12 @@ impl GraphDecoder {
             }
         };
         let write_kv = (!prefill) as i32;
+        // `attention_one`'s blocks get SMs of their own beside the QKV product
+        let reserve = if kind == Attention::One {
+            (p.kv_heads as u32 * ONE_FREE).min(self.sms / 3)
+        } else {
+            0
+        };
         // up to 8 sequences the products that read the residual stream norm it themselves
         // (`norm_in`); the tensor-core ones read the normed copy `xn` that the residual
         // products before them write (`norm_next`)
@@ -1009,12 +1015,6 @@ impl GraphDecoder {
                 None => self.out_norm,
             };
             let (qkv_x, qkv_norm) = normed(l.attn_norm);
-            // `attention_one`'s blocks get SMs of their own beside the QKV product
-            let reserve = if kind == Attention::One {
-                (p.kv_heads as u32 * ONE_FREE).min(self.sms / 3)
-            } else {
-                0
-            };
             for (m, bias, off) in &l.qkv {
                 self.mv(
                     "gpu_qkv",

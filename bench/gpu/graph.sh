@@ -14,9 +14,12 @@ for t in q8_0 q4_0 q4_1 q5_0; do
   [ -f $M/smollm2-$t.gguf ] || $L synth --arch llama --preset smollm2-135m --dtype $t --out $M/smollm2-$t.gguf --seed 1
 done
 [ -f $M/qwen2-q4_1.gguf ] || $L synth --arch qwen2 --preset tiny --dtype q4_1 --out $M/qwen2-q4_1.gguf --seed 1
+# Qwen2.5-0.5B's shape as Q4_K_M: its 896-wide rows fall back to Q5_0 (Q4_K) and Q8_0 (Q6_K),
+# as in the real file, so half the layers' Q, K, V are Q5_0 + Q8_0 with biases (`mvx_q5_0_q8_0`)
+[ -f $M/qwen25-q4km.gguf ] || $L synth --arch qwen2 --preset qwen2.5-0.5b --dtype q4_k_m --out $M/qwen25-q4km.gguf --seed 1
 
 step "decode logits: CPU, Candle CUDA, graph eager, graph"
-for f in tinyllama-q4km tinyllama-q6k smollm2-q8_0 smollm2-q4_0 smollm2-q4_1 smollm2-q5_0 qwen2-q4_1; do
+for f in tinyllama-q4km tinyllama-q6k smollm2-q8_0 smollm2-q4_0 smollm2-q4_1 smollm2-q5_0 qwen2-q4_1 qwen25-q4km; do
   $L check --model $M/$f.gguf --tokens 8 --threads 16 --out $M/g-$f-cpu.json
   $L check --model $M/$f.gguf --tokens 8 --threads 16 --dequantize --out $M/g-$f-exact.json
   LLORCH_CUDA_GRAPH=0 $L check --model $M/$f.gguf --tokens 8 --cuda-device 0 --out $M/g-$f-candle.json
@@ -28,7 +31,8 @@ import json, math, sys
 m = sys.argv[1]
 def rel(a, b):
     return math.sqrt(sum((x - y) ** 2 for x, y in zip(a, b)) / max(sum(y * y for y in b), 1e-30))
-for f in ["tinyllama-q4km", "tinyllama-q6k", "smollm2-q8_0", "smollm2-q4_0", "smollm2-q4_1", "smollm2-q5_0", "qwen2-q4_1"]:
+for f in ["tinyllama-q4km", "tinyllama-q6k", "smollm2-q8_0", "smollm2-q4_0", "smollm2-q4_1", "smollm2-q5_0", "qwen2-q4_1",
+          "qwen25-q4km"]:
     try:
         r = {k: json.load(open(f"{m}/g-{f}-{k}.json")) for k in ["cpu", "exact", "candle", "eager", "graph"]}
     except OSError as e:
@@ -58,7 +62,7 @@ PY
 
 step "same greedy outputs alone and batched (worker: 2, 4, 6, 12 and 28 at once, the graph's 2, 4, 8, 16 and 32 buckets), and alone as without steps launched ahead"
 worker() {
-  "$@" --model $M/smollm2-q8_0.gguf --cuda-device 0 --port 8392 --max-batch 32 --ctx-size 1024 --kv-cache-mib 2048 &
+  "$@" --model ${WM:-$M/smollm2-q8_0.gguf} --cuda-device 0 --port 8392 --max-batch 32 --ctx-size 1024 --kv-cache-mib 2048 &
   WP=$!
   for i in $(seq 1 300); do curl -sf localhost:8392/health >/dev/null && break; sleep 0.5; done
 }
@@ -72,6 +76,16 @@ python3 bench/gpu/same_outputs.py http://127.0.0.1:8392 6
 python3 bench/gpu/same_outputs.py http://127.0.0.1:8392 12
 python3 bench/gpu/same_outputs.py http://127.0.0.1:8392 28
 kill $WP; wait $WP 2>/dev/null
+
+step "the mixed QKV products (Q4_K_M: TinyLlama's 10 layers with V in Q6_K, mvx_q4_k_q6_k; Qwen2.5-0.5B's 12 with Q5_0 + Q8_0 and biases, mvx_q5_0_q8_0): same greedy outputs alone and 2, 4, 6 at once (buckets 2, 4, 8)"
+for f in tinyllama-q4km qwen25-q4km; do
+  echo "$f:"
+  WM=$M/$f.gguf worker $W
+  python3 bench/gpu/same_outputs.py http://127.0.0.1:8392 2
+  python3 bench/gpu/same_outputs.py http://127.0.0.1:8392 4
+  python3 bench/gpu/same_outputs.py http://127.0.0.1:8392 6
+  kill $WP; wait $WP 2>/dev/null
+done
 
 step "decode speed: graph vs Candle (512-token prompt, 128 tokens); graph without steps launched ahead"
 for f in tinyllama-q4km smollm2-q4_1; do

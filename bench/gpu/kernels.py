@@ -37,7 +37,11 @@ attention as a cluster of `-DATT_CL=N` blocks per (sequence, head) (`experiments
 faster only at short contexts; `--cap 4096 --pos 2000` measures long ones). `one` runs batch 1's
 attention as `attention_one_64` (graph.rs's batch-1 kernel since the thirteenth session) and `freeN`
 launches the QKV product on N SMs fewer (graph.rs: 10 a KV head), so its blocks start beside it;
-`--same-weights` makes every layer multiply layer 0's matrices (a probe: weights from L2). `--trace` saves one step's per-block timeline from a file made by
+`--same-weights` makes every layer multiply layer 0's matrices (a probe: weights from L2). `qkv2` /
+`qkv3` launch the QKV product as 2 / 3 products of its row ranges (a probe: what a launch costs);
+`vq6` gives the layers llama.cpp's Q4_K_M keeps at more bits (`MORE_BITS`) a Q6_K V matrix of
+their own, launched after Q and K as the engine did before the fourteenth session, and with `mixk`
+one `mvx_<type>_q6_k` launch for all three, as graph.rs now does. `--trace` saves one step's per-block timeline from a file made by
 `experiments/trace.py make`. `-DATT_SPLITS=N` sizes the attention grids, `-DMM_WARPS_R=N` / `-DMM_WARPS=N` the tensor-core residual / other products' blocks
 (16 for the others does not compile as it is: SwiGLU's 32-sequence reduction would take 64 KB of
 shared memory; `experiments/mm-wide-blocks.patch`: `-DMM_RB_P|R|G=N` their output rows a block;
@@ -96,6 +100,21 @@ class Mv(ctypes.Structure):
                 ("pf", ctypes.c_uint64), ("pf_bytes", ctypes.c_uint64), ("ready", ctypes.c_uint64)]
 
 
+class MvX(ctypes.Structure):
+    """decode.cu's `MvxArgs`: `MvArgs` and the mixed products' row ranges (`mvx_*`)."""
+    _fields_ = [(f, ctypes.c_uint64) for f in
+                ["w", "x", "norm_next", "xn", "bias", "y", "part", "n", "row_bytes"]] + \
+               [("rows", ctypes.c_int), ("k", ctypes.c_int), ("ldy", ctypes.c_int),
+                ("mode", ctypes.c_int), ("eps", ctypes.c_float), ("parts", ctypes.c_int), ("norm_in", ctypes.c_uint64),
+                ("seg_w1", ctypes.c_uint64), ("seg_w2", ctypes.c_uint64), ("seg_rb1", ctypes.c_uint64),
+                ("seg_rb2", ctypes.c_uint64), ("seg_end0", ctypes.c_int), ("seg_end1", ctypes.c_int),
+                ("seg_second", ctypes.c_int)]
+
+
+# llama.cpp's Q4_K_M gives these layers' V (and down) matrices Q6_K (`use_more_bits`)
+MORE_BITS = [i for i in range(L) if i < L // 8 or i >= 7 * L // 8 or (i - L // 8) % 3 == 2]
+
+
 def define_of(name, text, flags, default):
     """A size the kernels take from `#define NAME N`: -DNAME=N in the variant's flags, else the
     file's own #define, else `default` (files from before it existed)."""
@@ -149,6 +168,14 @@ class Variant:
         # `freeN`: the QKV product's grid leaves N SMs free, so the attention blocks after it start on
         # them (and copy their keys and values) while it runs
         self.free = next((int(f[4:]) for f in flags if re.fullmatch(r"free\d+", f)), 0)
+        # `qkvN`: the matrix-vector QKV product as N launches (2: Q and K, then V; 3: Q, K, V),
+        # as the engine launches a layer whose Q, K and V have different types
+        self.qkv_parts = next((int(f[3:]) for f in flags if re.fullmatch(r"qkv[23]", f)), 1)
+        # `vq6`: in the layers of MORE_BITS (as in a Q4_K_M file) V is a Q6_K matrix of its own,
+        # its QKV product three launches (Q, K, V) up to 8 rows, as the engine launched them
+        # before `mvx_*`; with `mixk`, one `mvx_<type>_q6_k_p<nb>` launch
+        self.vq6 = "vq6" in flags
+        self.mixk = "mixk" in flags
         # `smemNN`: matrix-vector kernels that copy their rows' weights into NN KiB of shared
         # memory before the wait (`mvs_<type>_<mode><nb>`, a block per SM)
         self.smem = next((int(f[4:]) for f in flags if re.fullmatch(r"smem\d+", f)), 0)
@@ -156,8 +183,8 @@ class Variant:
         # it into L2 (at most `l2capMM` MB of them, default 32; whole steps only)
         self.l2pf = next((int(f[4:]) for f in flags if re.fullmatch(r"l2pf\d+", f)), 0)
         self.l2cap = next((int(f[5:]) for f in flags if re.fullmatch(r"l2cap\d+", f)), 32) << 20
-        flags = [f for f in flags if f not in ("mm", "pdl", "persist", "half", "mega", "gqa", "gqaall", "pair", "hc", "nostage", "stream", "mlp", "attcl", "one")
-                 and not re.fullmatch(r"(smem|l2pf|l2cap|fuse|gqas|free)\d+", f)]
+        flags = [f for f in flags if f not in ("mm", "pdl", "persist", "half", "mega", "gqa", "gqaall", "pair", "hc", "nostage", "stream", "mlp", "attcl", "one", "vq6", "mixk")
+                 and not re.fullmatch(r"(smem|l2pf|l2cap|fuse|gqas|free|qkv)\d+", f)]
         cubin = os.path.join(out_dir, f"{name}.cubin")
         cmd = ["nvcc", "--cubin", "-O3", "-arch=sm_90", "-Xptxas", "-v", *flags, "-o", cubin, src]
         if prebuilt and os.path.exists(os.path.join(prebuilt, f"{name}.cubin")):
@@ -305,6 +332,11 @@ class Model:
                 lay["k"], lay["v"] = (cp.random.standard_normal(MAXB * KVH * CAP * HD, dtype=cp.float32)
                                       for _ in range(2))
             self.layers.append(lay)
+        # V of the MORE_BITS layers as Q6_K (variants with `vq6`), from a generator of its own
+        # so that the other weights stay those of earlier runs
+        rng6 = np.random.default_rng(seed + 1000)
+        for li in MORE_BITS:
+            self.layers[li]["v6"] = rand_blocks("q6_k", KVH * HD, H, rng6)
         self.embed = rand_blocks(qt, VOCAB, H, rng)
         self.lm_head = rand_blocks(qt, VOCAB, H, rng)
         self.out_norm = cp.asarray(rng.uniform(0.5, 1.5, H).astype(np.float32))
@@ -572,9 +604,50 @@ def step_launches(v, m, nb, only=None):
         hc_buf = m.head_ready.data.ptr + (4 * li * MAXB * (HEADS + KVH) if v.hc2 else 0)
         if hc:
             q[4][0].ready = hc_buf
-        if v.free:
-            q = (q[0], (min(q[1][0], SMS - v.free), 1, 1), *q[2:])
-        out.append(("qkv", *q))
+        parts = [q]
+        mv_path = not (v.mm and nb >= v.mm_from)
+        if v.vq6 and "v6" in lay and mv_path:
+            w, rb = lay["qkv"]
+            w6, rb6 = lay["v6"]
+            qk = (HEADS + KVH) * HD
+            fx = f"mvx_{qt}_q6_k_p{nb}"
+            if v.mixk and v._has(fx):
+                fn = v.mod.get_function(fx)
+                smem = 2 * nb * ((H + 1023) // 1024) * v.xq_step
+                check(cuda.cuFuncSetAttribute(ctypes.c_void_p(fn.ptr), 8, smem), "cuFuncSetAttribute")
+                a = MvX(w=w.data.ptr, x=m.x.data.ptr, y=m.qkv.data.ptr, n=m.params.data.ptr + 4 * 3 * MAXB,
+                        row_bytes=rb, rows=QKV, k=H, ldy=QKV, mode=0, eps=EPS, part=m.part.data.ptr,
+                        xn=m.xn.data.ptr, norm_in=lay["attn_norm"].data.ptr,
+                        seg_w1=w.data.ptr + HEADS * HD * rb, seg_w2=w6.data.ptr, seg_rb1=rb, seg_rb2=rb6,
+                        seg_end0=HEADS * HD, seg_end1=qk, seg_second=4)
+                grid = min(-(-QKV // v.warps), resident_blocks(fn, v.warps * 32, smem))
+                parts = [(fn, (grid, 1, 1), (v.warps * 32, 1, 1), smem, [a])]
+            else:
+                parts = []
+                for r0, r1 in [(0, HEADS * HD), (HEADS * HD, qk)]:
+                    qp = mv_args(v, m, qt, 0, nb, w, rb, r1 - r0, H, m.xn, m.qkv, QKV, norm_in=lay["attn_norm"])
+                    qp[4][0].w += r0 * rb
+                    qp[4][0].y += 4 * r0
+                    parts.append(qp)
+                qp = mv_args(v, m, "q6_k", 0, nb, w6, rb6, KVH * HD, H, m.xn, m.qkv, QKV, norm_in=lay["attn_norm"])
+                qp[4][0].y += 4 * qk
+                parts.append(qp)
+        elif v.qkv_parts > 1 and mv_path:
+            # row ranges of the same matrix, each its own launch (as many blocks as alone)
+            cuts = [0, HEADS * HD, (HEADS + KVH) * HD, QKV]
+            if v.qkv_parts == 2:
+                cuts = [0, (HEADS + KVH) * HD, QKV]
+            parts = []
+            for r0, r1 in zip(cuts, cuts[1:]):
+                w, rb = lay["qkv"]
+                qp = mv_args(v, m, qt, 0, nb, w, rb, r1 - r0, H, m.xn, m.qkv, QKV, norm_in=lay["attn_norm"])
+                qp[4][0].w += r0 * rb
+                qp[4][0].y += 4 * r0
+                parts.append(qp)
+        for q in parts:
+            if v.free:
+                q = (q[0], (min(q[1][0], SMS - v.free), 1, 1), *q[2:])
+            out.append(("qkv", *q))
         out.append(("attention", att, *geo,
                     [p(m.qkv), ctypes.c_int(QKV), p(m.att), p(lay["k"]), p(lay["v"]), ctypes.c_int(HEADS),
                      ctypes.c_int(KVH), ctypes.c_int(CAP), p(m.inv_freq), ctypes.c_int(0), pos, slot, n,

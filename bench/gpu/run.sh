@@ -9,8 +9,9 @@ step "machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'
 
-step "synthetic TinyLlama-1.1B shape: Q4_K_M GGUF and bf16 SafeTensors (seed 1)"
+step "synthetic TinyLlama-1.1B shape: Q4_K_M GGUF (llama.cpp's mix), Q4_K alone and bf16 SafeTensors (seed 1)"
 $L synth --arch llama --preset tinyllama-1.1b --dtype q4_k_m --out $M/tinyllama-q4km.gguf --seed 1
+$L synth --arch llama --preset tinyllama-1.1b --dtype q4_k --out $M/tinyllama-q4k.gguf --seed 1
 $L synth --arch llama --preset tinyllama-1.1b --dtype bf16 --out $M/tinyllama-bf16 --seed 1
 ls -la $M $M/tinyllama-bf16
 
@@ -39,7 +40,9 @@ for p in 1 32; do
 done
 
 step "speed: llorch bench on CUDA (512-token prompt, 128 tokens, warm-up 2, 5 runs)"
-for f in tinyllama-q4km.gguf tinyllama-bf16; do
+# tinyllama-q4k.gguf (every matrix Q4_K): the file the sessions before the fourteenth
+# called Q4_K_M, for comparison with their figures
+for f in tinyllama-q4km.gguf tinyllama-q4k.gguf tinyllama-bf16; do
   $L bench --model $M/$f --cuda-device 0 --prompt-tokens 512 --tokens 128 --iterations 5 --warmup 2 \
     --output-json $M/bench-$f.json >/dev/null
 done

@@ -151,7 +151,7 @@ enum Cmd {
         /// tinyllama-1.1b, smollm2-135m, qwen2.5-0.5b, gemma3-270m or tiny.
         #[arg(long, default_value = "tiny")]
         preset: String,
-        /// q4_k_m, q6_k, q8_0, q5_0, q4_1, q4_0 (GGUF file; "q4_k_m" writes every matrix as Q4_K) or f16, bf16, f32 (SafeTensors folder).
+        /// q4_k_m, q4_k, q6_k, q8_0, q5_0, q4_1, q4_0 (GGUF file; "q4_k_m" is llama.cpp's mix: Q4_K with Q6_K for the output matrix and about half the layers' V and down matrices; the others write every matrix in that type) or f16, bf16, f32 (SafeTensors folder).
         #[arg(long, default_value = "q4_k_m")]
         dtype: String,
         /// Output file (GGUF) or folder (SafeTensors).
@@ -290,7 +290,7 @@ fn main() -> Result<()> {
                 )
             })?;
             let d = llorch_engine::synth::parse_dtype(&dtype).ok_or_else(|| {
-                anyhow!("--dtype {dtype}: expected q4_k_m, q6_k, q8_0, q5_0, q4_1, q4_0, f16, bf16 or f32")
+                anyhow!("--dtype {dtype}: expected q4_k_m, q4_k, q6_k, q8_0, q5_0, q4_1, q4_0, f16, bf16 or f32")
             })?;
             let t = Instant::now();
             llorch_engine::synth::write(&shape, d, &out, seed)?;

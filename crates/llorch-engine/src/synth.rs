@@ -61,13 +61,42 @@ pub const PRESETS: &str = "tinyllama-1.1b, smollm2-135m, qwen2.5-0.5b, gemma3-27
 /// Output format: a GGUF with this weight type, or a SafeTensors folder in this dtype.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum SynthDtype {
+    /// Every matrix of this type (where its rows are whole blocks of it, see [`qtype`]).
     Gguf(GgmlDType),
+    /// llama.cpp's Q4_K_M mix: Q4_K, but Q6_K for the output matrix and for the V and down
+    /// matrices of the layers [`use_more_bits`] picks (about half), as `llama-quantize`
+    /// writes it.
+    GgufQ4KM,
     SafeTensors(DType),
+}
+
+/// llama.cpp's choice of the layers whose V and down matrices a K-quant mix keeps at more
+/// bits: the first and last eighth and every third layer between.
+pub fn use_more_bits(layer: usize, layers: usize) -> bool {
+    // the last term only sees layers >= layers / 8 (the first is true below)
+    layer < layers / 8 || layer >= 7 * layers / 8 || (layer - layers / 8) % 3 == 2
+}
+
+/// The type the mix gives tensor `name` (before [`qtype`]'s fallback for short rows).
+fn q4km_type(name: &str, layers: usize) -> GgmlDType {
+    let layer = name
+        .strip_prefix("blk.")
+        .and_then(|r| r.split('.').next())
+        .and_then(|i| i.parse::<usize>().ok());
+    let more = name == "output.weight"
+        || (name.contains(".attn_v.") || name.contains(".ffn_down."))
+            && layer.is_some_and(|i| use_more_bits(i, layers));
+    if more {
+        GgmlDType::Q6K
+    } else {
+        GgmlDType::Q4K
+    }
 }
 
 pub fn parse_dtype(s: &str) -> Option<SynthDtype> {
     Some(match s.to_ascii_lowercase().as_str() {
-        "q4_k_m" | "q4_k" | "q4k" => SynthDtype::Gguf(GgmlDType::Q4K),
+        "q4_k_m" => SynthDtype::GgufQ4KM,
+        "q4_k" | "q4k" => SynthDtype::Gguf(GgmlDType::Q4K),
         "q8_0" => SynthDtype::Gguf(GgmlDType::Q8_0),
         "q4_0" => SynthDtype::Gguf(GgmlDType::Q4_0),
         "q4_1" => SynthDtype::Gguf(GgmlDType::Q4_1),
@@ -201,14 +230,17 @@ fn weights(sh: &Shape, seed: u64) -> Result<Vec<(String, Tensor)>> {
     Ok(out)
 }
 
-/// The weight type a 2-D tensor gets: the asked one when its rows fit the block, else
-/// Q8_0 (32-wide blocks), else f32. Norms and biases stay f32.
+/// The weight type a 2-D tensor gets: the asked one when its rows fit the block, else a
+/// 32-wide type as `llama-quantize` falls back (Q4_K to Q5_0, others to Q8_0: Qwen2.5-0.5B's
+/// 896-wide rows), else f32. Norms and biases stay f32.
 fn qtype(t: &Tensor, want: GgmlDType) -> GgmlDType {
     let cols = *t.dims().last().unwrap_or(&0);
     if t.rank() < 2 {
         GgmlDType::F32
     } else if cols.is_multiple_of(want.block_size()) {
         want
+    } else if cols.is_multiple_of(32) && want == GgmlDType::Q4K {
+        GgmlDType::Q5_0
     } else if cols.is_multiple_of(32) {
         GgmlDType::Q8_0
     } else {
@@ -218,12 +250,14 @@ fn qtype(t: &Tensor, want: GgmlDType) -> GgmlDType {
 
 pub fn write(sh: &Shape, dtype: SynthDtype, out: &Path, seed: u64) -> Result<()> {
     match dtype {
-        SynthDtype::Gguf(q) => write_gguf(sh, q, out, seed),
+        SynthDtype::Gguf(q) => write_gguf(sh, Some(q), out, seed),
+        SynthDtype::GgufQ4KM => write_gguf(sh, None, out, seed),
         SynthDtype::SafeTensors(d) => write_safetensors(sh, d, out, seed),
     }
 }
 
-fn write_gguf(sh: &Shape, q: GgmlDType, out: &Path, seed: u64) -> Result<()> {
+/// `q`: every matrix of that type; `None`: the Q4_K_M mix.
+fn write_gguf(sh: &Shape, q: Option<GgmlDType>, out: &Path, seed: u64) -> Result<()> {
     let arch = sh.arch.name();
     let (tokens, types) = vocabulary(sh.vocab);
     let mut md: Vec<(String, Value)> = vec![
@@ -231,10 +265,6 @@ fn write_gguf(sh: &Shape, q: GgmlDType, out: &Path, seed: u64) -> Result<()> {
         (
             "general.name".into(),
             Value::String(format!("llorch-synth-{arch}")),
-        ),
-        (
-            "general.file_type".into(),
-            Value::U32(if q == GgmlDType::Q4K { 15 } else { 0 }),
         ),
         (format!("{arch}.block_count"), Value::U32(sh.layers as u32)),
         (
@@ -289,6 +319,22 @@ fn write_gguf(sh: &Shape, q: GgmlDType, out: &Path, seed: u64) -> Result<()> {
             Value::String(crate::chat::CHATML.into()),
         ),
     ];
+    // llama.cpp's LLAMA_FTYPE code where one describes the file (a file of Q4_K alone is
+    // none of them: readers then name its most common type)
+    let file_type = match q {
+        None => Some(15),
+        Some(GgmlDType::F32) => Some(0),
+        Some(GgmlDType::F16) => Some(1),
+        Some(GgmlDType::Q4_0) => Some(2),
+        Some(GgmlDType::Q4_1) => Some(3),
+        Some(GgmlDType::Q8_0) => Some(7),
+        Some(GgmlDType::Q5_0) => Some(8),
+        Some(GgmlDType::Q6K) => Some(18),
+        _ => None,
+    };
+    if let Some(ft) = file_type {
+        md.push(("general.file_type".into(), Value::U32(ft)));
+    }
     if sh.arch == Arch::Gemma3 {
         md.push((format!("{arch}.attention.sliding_window"), Value::U32(64)));
         md.push((format!("{arch}.rope.local_freq_base"), Value::F32(10000.0)));
@@ -296,7 +342,8 @@ fn write_gguf(sh: &Shape, q: GgmlDType, out: &Path, seed: u64) -> Result<()> {
     let ws = weights(sh, seed)?;
     let mut qs = Vec::with_capacity(ws.len());
     for (name, t) in &ws {
-        qs.push((name.clone(), QTensor::quantize(t, qtype(t, q))?));
+        let want = q.unwrap_or_else(|| q4km_type(name, sh.layers));
+        qs.push((name.clone(), QTensor::quantize(t, qtype(t, want))?));
     }
     if let Some(dir) = out.parent() {
         std::fs::create_dir_all(dir)?;
@@ -371,4 +418,96 @@ fn write_safetensors(sh: &Shape, dtype: DType, out: &Path, seed: u64) -> Result<
         serde_json::to_string_pretty(&tc).unwrap(),
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn more_bits_layers_are_llama_cpps() {
+        let picked: Vec<usize> = (0..22).filter(|&i| use_more_bits(i, 22)).collect();
+        assert_eq!(picked, [0, 1, 4, 7, 10, 13, 16, 19, 20, 21]);
+        let picked: Vec<usize> = (0..8).filter(|&i| use_more_bits(i, 8)).collect();
+        assert_eq!(picked, [0, 3, 6, 7]);
+    }
+
+    /// The Q4_K_M file holds the mix (rows of 256 columns, so no fallback to Q8_0), and
+    /// `q4_k` holds Q4_K alone.
+    #[test]
+    fn q4_k_m_writes_llama_cpps_mix() {
+        let sh = Shape {
+            hidden: 256,
+            intermediate: 512,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 64,
+            layers: 8,
+            vocab: 320,
+            ..preset("tiny", Arch::Llama).unwrap()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let types = |dtype: &str| {
+            let p = dir.path().join(format!("{dtype}.gguf"));
+            write(&sh, parse_dtype(dtype).unwrap(), &p, 1).unwrap();
+            let mut f = std::fs::File::open(&p).unwrap();
+            let c = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
+            let ft = c
+                .metadata
+                .get("general.file_type")
+                .map(|v| v.to_u32().unwrap());
+            let t = c
+                .tensor_infos
+                .iter()
+                .map(|(n, i)| (n.clone(), i.ggml_dtype))
+                .collect::<std::collections::HashMap<_, _>>();
+            (t, ft)
+        };
+        let (mix, ft) = types("q4_k_m");
+        assert_eq!(ft, Some(15));
+        assert_eq!(mix["output.weight"], GgmlDType::Q6K);
+        assert_eq!(mix["token_embd.weight"], GgmlDType::Q4K);
+        for i in 0..8 {
+            let more = if [0, 3, 6, 7].contains(&i) {
+                GgmlDType::Q6K
+            } else {
+                GgmlDType::Q4K
+            };
+            assert_eq!(mix[&format!("blk.{i}.attn_v.weight")], more, "layer {i}");
+            assert_eq!(mix[&format!("blk.{i}.ffn_down.weight")], more, "layer {i}");
+            for n in ["attn_q", "attn_k", "attn_output", "ffn_gate", "ffn_up"] {
+                assert_eq!(
+                    mix[&format!("blk.{i}.{n}.weight")],
+                    GgmlDType::Q4K,
+                    "{n} {i}"
+                );
+            }
+        }
+        // rows that are not whole 256-blocks (Qwen2.5-0.5B: 896): llama.cpp's fallbacks
+        let narrow = Shape {
+            hidden: 96,
+            intermediate: 256,
+            heads: 3,
+            kv_heads: 1,
+            head_dim: 32,
+            ..sh.clone()
+        };
+        let p = dir.path().join("narrow.gguf");
+        write(&narrow, SynthDtype::GgufQ4KM, &p, 1).unwrap();
+        let c =
+            candle_core::quantized::gguf_file::Content::read(&mut std::fs::File::open(&p).unwrap())
+                .unwrap();
+        let t = |n: &str| c.tensor_infos[n].ggml_dtype;
+        assert_eq!(t("blk.1.attn_q.weight"), GgmlDType::Q5_0);
+        assert_eq!(t("blk.1.attn_v.weight"), GgmlDType::Q5_0);
+        assert_eq!(t("blk.0.attn_v.weight"), GgmlDType::Q8_0);
+        assert_eq!(t("blk.0.ffn_down.weight"), GgmlDType::Q6K);
+        assert_eq!(t("blk.1.ffn_down.weight"), GgmlDType::Q4K);
+        let (pure, ft) = types("q4_k");
+        assert_eq!(ft, None);
+        assert!(pure
+            .iter()
+            .filter(|(n, _)| n.ends_with(".weight") && !n.contains("norm"))
+            .all(|(_, t)| *t == GgmlDType::Q4K));
+    }
 }

@@ -108,7 +108,9 @@ fn batched_forward_equals_single_sequence_synthetic() {
         let sh = synth::preset("tiny", arch).unwrap();
         let d = synth::parse_dtype(dtype).unwrap();
         let p = match d {
-            synth::SynthDtype::Gguf(_) => dir.path().join(format!("{}.gguf", arch.name())),
+            synth::SynthDtype::Gguf(_) | synth::SynthDtype::GgufQ4KM => {
+                dir.path().join(format!("{}.gguf", arch.name()))
+            }
             _ => dir.path().join(arch.name()),
         };
         synth::write(&sh, d, &p, 3).unwrap();

@@ -16,7 +16,9 @@ fn write(dir: &Path, arch: Arch, dtype: &str) -> PathBuf {
     let sh = synth::preset("tiny", arch).unwrap();
     let d = synth::parse_dtype(dtype).unwrap();
     let out = match d {
-        SynthDtype::Gguf(_) => dir.join(format!("{}-{dtype}.gguf", arch.name())),
+        SynthDtype::Gguf(_) | SynthDtype::GgufQ4KM => {
+            dir.join(format!("{}-{dtype}.gguf", arch.name()))
+        }
         SynthDtype::SafeTensors(_) => dir.join(format!("{}-{dtype}", arch.name())),
     };
     synth::write(&sh, d, &out, 7).unwrap();

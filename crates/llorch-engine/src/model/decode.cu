@@ -65,6 +65,25 @@ struct MvArgs {
     const float* norm_in;     // matvec: weight of the RMS norm to apply to x first, or null
 };
 
+// `mvx_*`: a QKV product whose matrices are of two types (as in Q4_K_M files), one launch
+// instead of one per matrix. Rows [0, end0) are `a.w`'s, [end0, end1) w1's, [end1, a.rows)
+// w2's, each range with its own bytes per row (the first: `a.row_bytes`); bit j of
+// `second`: range j is of the kernel's second type. Matches `MvxArgs` in graph.rs. (A struct
+// of its own: grown by these fields, `MvArgs` changed the code of every other kernel.)
+struct MvSegs {
+    const uint8_t* w1;
+    const uint8_t* w2;
+    unsigned long long rb1;
+    unsigned long long rb2;
+    int end0;
+    int end1;
+    int second;
+};
+struct MvxArgs {
+    MvArgs a;
+    MvSegs s;
+};
+
 // Programmatic dependent launch (sm_90+, `graph.rs` launches the step's kernels with it):
 // a kernel may start while the one before it finishes, and `pdl_wait` holds it until that
 // one's writes are visible. Every kernel waits before touching what an earlier kernel
@@ -306,6 +325,14 @@ __device__ __forceinline__ bool load32(const uint8_t* row, int k, int g, int lan
 
 __device__ __forceinline__ u32 pack16(int a, int b) { return (u32)(a & 0xFFFF) | ((u32)b << 16); }
 
+// Whether products of types QT and QT2 read their inputs in the same order: the K types each
+// have their own (`col0`), the 32-wide ones share one. A mixed product of two orders rounds
+// its inputs twice, into two regions of shared memory.
+template <int QT> struct IsK { static constexpr bool v = QT == T_Q4_K || QT == T_Q6_K; };
+template <int QT, int QT2> struct Orders {
+    static constexpr int v = QT == QT2 || (!IsK<QT>::v && !IsK<QT2>::v) ? 1 : 2;
+};
+
 // Item `rem` of a row's rounding (step, lane, half: 16 columns with one scale): whether the
 // row has it and its first column.
 template <int QT>
@@ -331,37 +358,50 @@ __device__ __forceinline__ void load16(const float* p, float (&v)[16]) {
 // multiple of the items per row (hidden 2048, 512 threads: 128); others load as before.
 struct NormPre {
     float w[16];
-    int rem;  // the item (step, lane, half) they are for, or -1
+    int rem;  // the item (order, step, lane, half) they are for, or -1
 };
-template <int QT>
+template <int QT, int QT2>
 __device__ __forceinline__ void norm_pre(const MvArgs& a, int n, int ng, NormPre& p) {
-    const int per = ng * 64, rem = threadIdx.x % per;
+    const int per = ng * 64;
     int c;
     p.rem = -1;
-    if (!a.norm_in || (int)threadIdx.x >= n * per || !item_col<QT>(rem, a.k, c)) return;
-    p.rem = rem;
+    if constexpr (Orders<QT, QT2>::v == 1) {
+        const int rem = threadIdx.x % per;
+        if (!a.norm_in || (int)threadIdx.x >= n * per || !item_col<QT>(rem, a.k, c)) return;
+        p.rem = rem;
+    } else {
+        const int t = threadIdx.x, ord = t >= n * per, rem = (t - ord * n * per) % per;
+        if (!a.norm_in || t >= 2 * n * per) return;
+        if (!(ord ? item_col<QT2>(rem, a.k, c) : item_col<QT>(rem, a.k, c))) return;
+        p.rem = ord * per + rem;
+    }
     load16(a.norm_in + c, p.w);
 }
 
 // With `norm_in` the rows are RMS-normed: the norm's weights multiply x before rounding and
 // the row's 1 / rms goes to `rs`, for the kernel to scale its sums with (the normed copy is
 // never written: no extra pass over the rows, no last block that waits for the others).
-template <int QT, int NB>
+// With two input orders (`Orders`) the rows are rounded in both: the second order's items
+// follow the first's, into the region after the first's NB rows; sums of squares come from
+// the first only.
+template <int QT, int NB, int QT2>
 __device__ void quantize_x(const MvArgs& a, int n, int ng, uint8_t* sm, float* rs, const NormPre& np) {
     const int per = ng * 64;  // (step, lane, half)
+    constexpr int ORD = Orders<QT, QT2>::v;
     float ss[NB];  // this thread's sums of squares per row
 #pragma unroll
     for (int i = 0; i < NB; ++i) ss[i] = 0.f;
-    for (int idx = threadIdx.x; idx < n * per; idx += blockDim.x) {
-        const int i = idx / per, rem = idx - i * per, g = rem >> 6, lane = (rem >> 1) & 31, h = rem & 1;
+    for (int idx = threadIdx.x; idx < ORD * n * per; idx += blockDim.x) {
+        const int ord = ORD > 1 && idx >= n * per, j = idx - ord * n * per;
+        const int i = j / per, rem = j - i * per, g = rem >> 6, lane = (rem >> 1) & 31, h = rem & 1;
         int c;
-        if (!item_col<QT>(rem, a.k, c)) continue;
+        if (!(ord ? item_col<QT2>(rem, a.k, c) : item_col<QT>(rem, a.k, c))) continue;
         float v[16];
         load16(a.x + (size_t)i * a.k + c, v);
         if (a.norm_in) {
             const float* gp = a.norm_in + c;
             float s2 = 0.f;
-            const bool pre = rem == np.rem;
+            const bool pre = ord * per + rem == np.rem;
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const float4 w = pre ? make_float4(np.w[4 * e], np.w[4 * e + 1], np.w[4 * e + 2], np.w[4 * e + 3])
@@ -372,7 +412,7 @@ __device__ void quantize_x(const MvArgs& a, int n, int ng, uint8_t* sm, float* r
             }
 #pragma unroll
             for (int ii = 0; ii < NB; ++ii)
-                if (ii == i) ss[ii] += s2;
+                if (ii == i && !ord) ss[ii] += s2;
         }
         float m = 0.f;
 #pragma unroll
@@ -381,7 +421,7 @@ __device__ void quantize_x(const MvArgs& a, int n, int ng, uint8_t* sm, float* r
         int q[16], s = 0;
 #pragma unroll
         for (int e = 0; e < 16; ++e) q[e] = __float2int_rn(v[e] * inv), s += q[e];
-        uint8_t* base = sm + (size_t)(i * ng + g) * XQ_STEP;
+        uint8_t* base = sm + (size_t)((ord * NB + i) * ng + g) * XQ_STEP;
         *(uint4*)(base + ((2 * h) * 32 + lane) * 16) =
             make_uint4(pack16(q[0], q[1]), pack16(q[2], q[3]), pack16(q[4], q[5]), pack16(q[6], q[7]));
         *(uint4*)(base + ((2 * h + 1) * 32 + lane) * 16) =
@@ -468,6 +508,29 @@ __device__ __forceinline__ void load_unit(const MvArgs& a, int r, int g0, int ng
     }
 }
 
+// `mvx_*`: the unit of row `r` (one weight row: plain products only) from the row's range
+// of weights; `sec`: whether the range is of the second type.
+template <int QT, int QT2, int U>
+__device__ __forceinline__ void load_unit_mixed(const MvArgs& a, const MvSegs& x, int r, int g0, int ng,
+                                                int lane, Raw (&raw)[U][1], bool (&has)[U], bool& sec) {
+    const int j = r < x.end0 ? 0 : r < x.end1 ? 1 : 2;
+    const int r0 = j == 0 ? 0 : j == 1 ? x.end0 : x.end1;
+    const uint8_t* w = j == 0 ? a.w : j == 1 ? x.w1 : x.w2;
+    const unsigned long long rb = j == 0 ? a.row_bytes : j == 1 ? x.rb1 : x.rb2;
+    const uint8_t* row = w + (size_t)(r - r0) * rb;
+    sec = (x.second >> j) & 1;
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+        if (sec) {
+            has[u] = g0 + u < ng && lane_has<QT2>(a.k, g0 + u, lane);
+            if (has[u]) raw_load<QT2>(row, g0 + u, lane, raw[u][0]);
+        } else {
+            has[u] = g0 + u < ng && lane_has<QT>(a.k, g0 + u, lane);
+            if (has[u]) raw_load<QT>(row, g0 + u, lane, raw[u][0]);
+        }
+    }
+}
+
 // Adds the lane's products of step `g` (its weights as loaded in `raw`, RW rows) with the
 // n input rows rounded into `xq` to `acc`.
 template <int QT, int NB, int RW>
@@ -504,8 +567,13 @@ __device__ __forceinline__ void mul_step(const Raw (&raw)[RW], int lane, const u
     }
 }
 
-template <int QT, int NB, int MODE>
-__device__ void matvec(const MvArgs& a) {
+// QT2 != QT: a mixed product (`mvx_*`, plain mode): each row range of its own weights and
+// type (`sg`), the inputs rounded in both types' orders. (Others ignore `sg`; reading `a`
+// through a template type instead changed their code: Q6_K batch 1 0.782 -> 0.810 ms.)
+template <int QT, int NB, int MODE, int QT2 = QT>
+__device__ void matvec(const MvArgs& a, const MvSegs& sg) {
+    constexpr bool MIX = QT2 != QT;
+    static_assert(!MIX || MODE == MODE_PLAIN, "mixed products are plain");
     constexpr int RW = MODE == MODE_GLU ? 2 : 1;  // weight rows per warp
     constexpr int U = MODE == MODE_GLU ? UG_GLU : UG;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -513,11 +581,16 @@ __device__ void matvec(const MvArgs& a) {
     const int ng = (a.k + 1023) / 1024;
     int r = blockIdx.x * WARPS + warp, g0 = 0;
     Raw raw[U][RW], nxt[U][RW];
-    bool has[U], nhas[U];
+    bool has[U], nhas[U], sec = false, nsec = false;
     // the row count comes from the host's upload, not from an earlier kernel: read before
     // the wait, it costs no round trip after it
     const int n = *a.n;
-    if (r < a.rows) load_unit<QT, U, RW>(a, r, 0, ng, lane, raw, has);
+    if (r < a.rows) {
+        if constexpr (MIX)
+            load_unit_mixed<QT, QT2, U>(a, sg, r, 0, ng, lane, raw, has, sec);
+        else
+            load_unit<QT, U, RW>(a, r, 0, ng, lane, raw, has);
+    }
     // Residual products: lane i's residual of sequence i at the warp's first row, read
     // before the wait too (one round trip less after it; a warp has one row at batch 1).
     // Its last writer is at least two kernels back (down: the output projection, output
@@ -528,11 +601,12 @@ __device__ void matvec(const MvArgs& a) {
     const int r0 = r;
     if (MODE == MODE_RESID && r < a.rows && lane < n) y0 = __ldcg(a.y + (size_t)lane * a.ldy + r);
     NormPre np;
-    norm_pre<QT>(a, n, ng, np);
+    norm_pre<QT, QT2>(a, n, ng, np);
     pdl_wait();
-    extern __shared__ __align__(16) uint8_t xq[];  // NB * ng * XQ_STEP bytes (graph.rs)
+    // NB * ng * XQ_STEP bytes (graph.rs), twice for a mixed product of two input orders
+    extern __shared__ __align__(16) uint8_t xq[];
     __shared__ float rs[NB];
-    quantize_x<QT, NB>(a, n, ng, xq, rs, np);
+    quantize_x<QT, NB, QT2>(a, n, ng, xq, rs, np);
     float acc[RW][NB];
 #pragma unroll
     for (int h = 0; h < RW; ++h)
@@ -542,10 +616,24 @@ __device__ void matvec(const MvArgs& a) {
         // the next unit: the rest of this row, or the warp's next row
         const bool row_end = g0 + U >= ng;
         const int rn = row_end ? r + stride : r, gn = row_end ? 0 : g0 + U;
-        if (rn < a.rows) load_unit<QT, U, RW>(a, rn, gn, ng, lane, nxt, nhas);
+        if (rn < a.rows) {
+            if constexpr (MIX)
+                load_unit_mixed<QT, QT2, U>(a, sg, rn, gn, ng, lane, nxt, nhas, nsec);
+            else
+                load_unit<QT, U, RW>(a, rn, gn, ng, lane, nxt, nhas);
+        }
 #pragma unroll
-        for (int u = 0; u < U; ++u)
-            if (has[u]) mul_step<QT, NB, RW>(raw[u], lane, xq, ng, g0 + u, n, acc);
+        for (int u = 0; u < U; ++u) {
+            if constexpr (MIX) {
+                if (has[u] && sec)
+                    mul_step<QT2, NB, RW>(raw[u], lane, xq + (Orders<QT, QT2>::v > 1 ? (size_t)NB * ng * XQ_STEP : 0),
+                                          ng, g0 + u, n, acc);
+                else if (has[u])
+                    mul_step<QT, NB, RW>(raw[u], lane, xq, ng, g0 + u, n, acc);
+            } else {
+                if (has[u]) mul_step<QT, NB, RW>(raw[u], lane, xq, ng, g0 + u, n, acc);
+            }
+        }
         if (row_end) {
 #pragma unroll
             for (int i = 0; i < NB; ++i) {
@@ -560,6 +648,7 @@ __device__ void matvec(const MvArgs& a) {
         }
         r = rn;
         g0 = gn;
+        if constexpr (MIX) sec = nsec;
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             has[u] = nhas[u];
@@ -1912,7 +2001,7 @@ __device__ void attention_group(const float* qkv, int ldq, float* out, float* kc
 #define MINB 1  // blocks per SM the matrix-vector kernels' registers must allow (128 registers)
 #endif
 #define MV(NAME, QT, NB, MODE) \
-    extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) NAME(MvArgs a) { matvec<QT, NB, MODE>(a); }
+    extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) NAME(MvArgs a) { matvec<QT, NB, MODE>(a, MvSegs{}); }
 #define MV_MODES(TAG, QT, NB)                   \
     MV(mv_##TAG##_p##NB, QT, NB, MODE_PLAIN)    \
     MV(mv_##TAG##_r##NB, QT, NB, MODE_RESID)    \
@@ -1951,6 +2040,20 @@ __device__ void attention_group(const float* qkv, int ldq, float* out, float* kc
         pdl_wait();                                                              \
         embed<QT>(table, row_bytes, hidden, tok, n, x, xn, nw, eps);             \
     }
+
+// Mixed QKV products (plain mode, the matrix-vector buckets), for the type pairs of common
+// files: Q4_K_M's Q4_K with Q6_K (or Q8_0 where a row is not whole 256-blocks), the legacy
+// types with Q8_0.
+#define MVX(T1, QT1, T2, QT2, NB)                                                         \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) mvx_##T1##_##T2##_p##NB(MvxArgs a) { \
+        matvec<QT1, NB, MODE_PLAIN, QT2>(a.a, a.s);                                          \
+    }
+#define MVX_ALL(T1, QT1, T2, QT2) MVX(T1, QT1, T2, QT2, 1) MVX(T1, QT1, T2, QT2, 2) MVX(T1, QT1, T2, QT2, 4) MVX(T1, QT1, T2, QT2, 8)
+MVX_ALL(q4_k, T_Q4_K, q6_k, T_Q6_K)
+MVX_ALL(q4_k, T_Q4_K, q8_0, T_Q8_0)
+MVX_ALL(q5_0, T_Q5_0, q8_0, T_Q8_0)
+MVX_ALL(q4_0, T_Q4_0, q8_0, T_Q8_0)
+MVX_ALL(q4_1, T_Q4_1, q8_0, T_Q8_0)
 
 MV_ALL(q4_0, T_Q4_0)
 MV_ALL(q4_1, T_Q4_1)

@@ -11,6 +11,9 @@
 //! A row is one new token: a decoding sequence's, or one of a prompt's (several rows of a
 //! sequence at consecutive positions; then the keys and values of all rows are written
 //! before attention, in a variant of the graph with a `kv_write` kernel).
+//! A layer whose Q, K and V are of two types (Q4_K_M files keep about half the layers' V in
+//! Q6_K) takes them as one product too (`mvx_*`), not one launch each: three dependent
+//! launches cost ~5 us a layer more (H100, `bench/gpu/kernels.py ... vq6`).
 //! Up to 8 rows the matrix products are warp-per-row integer dot products (`dp2a`) of the
 //! weights' integers and the inputs rounded to 16 bits per 16 columns in shared memory,
 //! scaled per 16 (relative error ~1e-5), on grids no larger than the GPU holds at once; they
@@ -171,10 +174,54 @@ struct MvArgs {
     norm_in: u64,
 }
 
+/// A mixed QKV product's row ranges (`MvxArgs` in decode.cu after its `MvArgs`): the second
+/// and third ranges' weights and bytes per row, where the first and second end, and which
+/// ranges are of the kernel's second type (a bit each).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct Segs {
+    w1: u64,
+    w2: u64,
+    rb1: u64,
+    rb2: u64,
+    end0: i32,
+    end1: i32,
+    second: i32,
+}
+
+/// Matches `MvxArgs` in decode.cu.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct MvxArgs {
+    a: MvArgs,
+    s: Segs,
+}
+
+/// The type pairs of the mixed QKV kernels (`mvx_<first>_<second>_p<rows>` in decode.cu):
+/// Q4_K_M files keep some layers' V in Q6_K (or Q8_0 where a row is not whole 256-blocks),
+/// files of the 32-wide types some in Q8_0.
+const MIXED: [(&str, &str, &str); 5] = [
+    ("q4_k", "q6_k", "q4_k_q6_k"),
+    ("q4_k", "q8_0", "q4_k_q8_0"),
+    ("q5_0", "q8_0", "q5_0_q8_0"),
+    ("q4_0", "q8_0", "q4_0_q8_0"),
+    ("q4_1", "q8_0", "q4_1_q8_0"),
+];
+
+/// Whether the kernels of types `a` and `b` read their inputs in different orders: then a
+/// mixed kernel rounds its inputs twice (`Orders` in decode.cu).
+fn two_orders(a: &str, b: &str) -> bool {
+    a != b && (a.ends_with("_k") || b.ends_with("_k"))
+}
+
 /// A quantized matrix on the device: kernel family and geometry.
 #[derive(Clone)]
 struct Mat {
+    /// The type's kernel name part; for a mixed QKV product both types' (`q4_k_q6_k`).
     tag: &'static str,
+    /// A mixed QKV product (`mvx_*`; `ptr` and `row_bytes` are its first range's): its other
+    /// ranges, and whether it rounds its inputs in two orders.
+    mixed: Option<(Segs, bool)>,
     ptr: u64,
     rows: usize,
     k: usize,
@@ -212,11 +259,75 @@ fn mat(q: &QTensor) -> Result<Mat> {
     }
     Ok(Mat {
         tag,
+        mixed: None,
         ptr: q.device_ptr()? as u64,
         rows,
         k,
         row_bytes: k / dt.block_size() * dt.type_size(),
     })
+}
+
+/// A layer's Q, K and V as one mixed product where they are of the two types of a pair in
+/// [`MIXED`] (else `None`): its geometry (rows: the whole QKV width) and row ranges, and the
+/// three biases as one tensor (zeros for a matrix without) with its address.
+#[allow(clippy::type_complexity)]
+fn mixed_qkv(
+    qkv: &[(Mat, u64, usize)],
+    l: &LayerPlan,
+    width: usize,
+    stream: &CudaStream,
+) -> Result<(Option<(Mat, u64)>, Option<Tensor>)> {
+    let mut tags: Vec<&str> = qkv.iter().map(|(m, _, _)| m.tag).collect();
+    tags.sort_unstable();
+    tags.dedup();
+    let pair = MIXED
+        .iter()
+        .find(|(a, b, _)| tags.len() == 2 && tags.contains(a) && tags.contains(b));
+    let (Some(&(first, second, joined)), 2..=3) = (pair, qkv.len()) else {
+        return Ok((None, None));
+    };
+    let (m0, m1) = (&qkv[0].0, &qkv[1].0);
+    let mut segs = Segs {
+        end0: m0.rows as i32,
+        w1: m1.ptr,
+        rb1: m1.row_bytes as u64,
+        end1: (qkv[1].2 + m1.rows) as i32,
+        ..Default::default()
+    };
+    if let Some((m2, _, _)) = qkv.get(2) {
+        segs.w2 = m2.ptr;
+        segs.rb2 = m2.row_bytes as u64;
+    }
+    segs.second = qkv
+        .iter()
+        .enumerate()
+        .map(|(j, (m, _, _))| i32::from(m.tag == second) << j)
+        .sum();
+    let mat = Mat {
+        tag: joined,
+        mixed: Some((segs, two_orders(first, second))),
+        rows: width,
+        ..m0.clone()
+    };
+    let bias = match l.qkv.iter().find_map(|(_, b)| b.as_ref()) {
+        Some(any) => {
+            let parts = l
+                .qkv
+                .iter()
+                .map(|(q, b)| match b {
+                    Some(b) => Ok(b.clone()),
+                    None => Tensor::zeros(q.shape().dims2()?.0, any.dtype(), any.device()),
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Some(Tensor::cat(&parts, 0)?.contiguous()?)
+        }
+        None => None,
+    };
+    let bias_ptr = match &bias {
+        Some(b) => ptr(b, stream)?,
+        None => 0,
+    };
+    Ok((Some((mat, bias_ptr)), bias))
 }
 
 /// Device address of a contiguous u32 tensor.
@@ -256,6 +367,9 @@ struct LayerDev {
     attn_norm: u64,
     /// (matrix, bias, first output column in the fused QKV row)
     qkv: Vec<(Mat, u64, usize)>,
+    /// Q, K and V of two types as one product for the matrix-vector buckets (`MIXED`), with
+    /// the three biases in one buffer.
+    mixed: Option<(Mat, u64)>,
     o: Mat,
     ffn_norm: u64,
     gate_up: Mat,
@@ -347,6 +461,11 @@ pub struct GraphDecoder {
     sms: u32,
     /// Largest matrix-vector bucket (1, 2, 4 or 8) whose inputs fit in shared memory.
     mv_max: usize,
+    /// Largest bucket that launches a layer's Q, K and V of two types as one product
+    /// (`LayerDev::mixed`); larger ones launch them one by one.
+    mixed_max: usize,
+    /// The mixed products' biases, concatenated (their addresses are in the graphs).
+    _mixed_bias: Vec<Tensor>,
     /// Whether buckets 4, 8 and 16 take `attention_gqa` (at most `ATT_GMAX` query heads per
     /// KV head and its shared memory within bounds), else `attention_split` (4, 8) and
     /// `attention_group` (16).
@@ -409,6 +528,7 @@ impl GraphDecoder {
         let h = plan.hidden;
         let qkv_w = (plan.heads + 2 * plan.kv_heads) * plan.head_dim;
         let mut layers = Vec::with_capacity(plan.layers.len());
+        let mut mixed_bias = Vec::new();
         for (l, (k, v)) in plan.layers.iter().zip(&plan.kv) {
             let mut qkv = Vec::new();
             let mut off = 0;
@@ -435,9 +555,14 @@ impl GraphDecoder {
             if !geometry_ok {
                 return Err(unsupported("unexpected projection shapes".into()));
             }
+            let (mixed, bias) = mixed_qkv(&qkv, l, qkv_w, &stream)?;
+            if let Some(b) = bias {
+                mixed_bias.push(b);
+            }
             layers.push(LayerDev {
                 attn_norm: ptr(&l.attn_norm, &stream)?,
                 qkv,
+                mixed,
                 o,
                 ffn_norm: ptr(&l.ffn_norm, &stream)?,
                 gate_up,
@@ -500,6 +625,22 @@ impl GraphDecoder {
         let Some(mv_max) = [8, 4, 2, 1].into_iter().find(|&b| mv_smem(b) <= SMEM_MAX) else {
             return Err(unsupported(format!("rows of {} columns", steps * 1024)));
         };
+        // the mixed QKV kernels: their input (hidden columns) rounded once or twice
+        let mixed_smem = |b: usize, two: bool| (1 + two as usize) * b * h.div_ceil(1024) * XQ_STEP;
+        let mut pairs: Vec<(&str, bool)> = layers
+            .iter()
+            .filter_map(|l| l.mixed.as_ref())
+            .filter_map(|(m, _)| Some((m.tag, m.mixed?.1)))
+            .collect();
+        pairs.sort_unstable();
+        pairs.dedup();
+        let mixed_max = BUCKETS
+            .into_iter()
+            .filter(|&b| {
+                b <= mv_max && pairs.iter().all(|&(_, two)| mixed_smem(b, two) <= SMEM_MAX)
+            })
+            .max()
+            .unwrap_or(0);
         let gqa =
             group <= ATT_GMAX && split_smem(plan.cap, plan.head_dim, group, ATT_PF) <= SMEM_MAX;
         let one = plan.head_dim == 64 && group <= ATT_GMAX && one_smem(plan.cap, group) <= SMEM_MAX;
@@ -529,6 +670,11 @@ impl GraphDecoder {
         }
         if mm_ok {
             names.push("norm_rows_f32".into());
+        }
+        for (pair, _) in &pairs {
+            for b in BUCKETS.into_iter().filter(|&b| b <= mixed_max) {
+                names.push(format!("mvx_{pair}_p{b}"));
+            }
         }
         for name in names {
             let f = module.load_function(&name).map_err(drv)?;
@@ -572,6 +718,16 @@ impl GraphDecoder {
                     mv_smem(b) as i32,
                 )
                 .map_err(drv)?;
+            }
+        }
+        for (pair, two) in &pairs {
+            for b in BUCKETS.into_iter().filter(|&b| b <= mixed_max) {
+                funcs[&format!("mvx_{pair}_p{b}")]
+                    .set_attribute(
+                        sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        mixed_smem(b, *two) as i32,
+                    )
+                    .map_err(drv)?;
             }
         }
         let sms = ctx
@@ -630,6 +786,8 @@ impl GraphDecoder {
             funcs,
             sms,
             mv_max,
+            mixed_max,
+            _mixed_bias: mixed_bias,
             gqa,
             one,
             layers,
@@ -848,7 +1006,10 @@ impl GraphDecoder {
         } else {
             ("mv", WARPS, WARPS * 32)
         };
-        let name = format!("{kind}_{}_{mode}{nb}", m.tag);
+        let name = match m.mixed {
+            Some(_) => format!("mvx_{}_p{nb}", m.tag),
+            None => format!("{kind}_{}_{mode}{nb}", m.tag),
+        };
         let f = &self.funcs[&name];
         a.w = m.ptr;
         a.row_bytes = m.row_bytes as u64;
@@ -864,7 +1025,12 @@ impl GraphDecoder {
         let mut blocks = (a.rows as usize).div_ceil(rows_per_block) as u32;
         let mut smem = 0;
         if kind == "mv" {
-            smem = (nb * m.k.div_ceil(1024) * XQ_STEP) as u32;
+            let orders = if m.mixed.is_some_and(|(_, two)| two) {
+                2
+            } else {
+                1
+            };
+            smem = (orders * nb * m.k.div_ceil(1024) * XQ_STEP) as u32;
             let per_sm = f
                 .occupancy_max_active_blocks_per_multiprocessor(threads as u32, smem as usize, None)
                 .map_err(drv)?;
@@ -877,8 +1043,14 @@ impl GraphDecoder {
         };
         // SAFETY: the kernel takes one `MvArgs`; every pointer in it addresses a live buffer
         // of the sizes the kernel reads (checked shapes in `new`; `part` holds a sum per
-        // block and row); rows beyond the step's batch size are never touched.
-        unsafe { self.launch(&self.stream, f, cfg, true, &mut params![&a]) }?;
+        // block and row); rows beyond the step's batch size are never touched. A mixed
+        // product's (`MvxArgs`) ranges address the live matrices `mixed_qkv` took them from.
+        match m.mixed {
+            Some((s, _)) => {
+                unsafe { self.launch(&self.stream, f, cfg, true, &mut params![&MvxArgs { a, s }]) }?
+            }
+            None => unsafe { self.launch(&self.stream, f, cfg, true, &mut params![&a]) }?,
+        }
         if kind == "mm" && a.mode == MODE_RESID {
             // the normed copy for the next reader, a block per (sequence, 256 columns)
             a.parts = blocks as i32;
@@ -1015,22 +1187,32 @@ impl GraphDecoder {
                 None => self.out_norm,
             };
             let (qkv_x, qkv_norm) = normed(l.attn_norm);
-            for (m, bias, off) in &l.qkv {
-                self.mv(
-                    "gpu_qkv",
-                    nb,
-                    m,
-                    MvArgs {
-                        x: qkv_x,
-                        norm_in: qkv_norm,
+            let qkv_args = MvArgs {
+                x: qkv_x,
+                norm_in: qkv_norm,
+                ldy: qkv_w,
+                mode: MODE_PLAIN,
+                ..base
+            };
+            match &l.mixed {
+                Some((m, bias)) if nb <= self.mixed_max => {
+                    let a = MvArgs {
                         bias: *bias,
-                        y: qkv + 4 * *off as u64,
-                        ldy: qkv_w,
-                        mode: MODE_PLAIN,
-                        ..base
-                    },
-                    reserve,
-                )?;
+                        y: qkv,
+                        ..qkv_args
+                    };
+                    self.mv("gpu_qkv", nb, m, a, reserve)?;
+                }
+                _ => {
+                    for (m, bias, off) in &l.qkv {
+                        let a = MvArgs {
+                            bias: *bias,
+                            y: qkv + 4 * *off as u64,
+                            ..qkv_args
+                        };
+                        self.mv("gpu_qkv", nb, m, a, reserve)?;
+                    }
+                }
             }
             let t = crate::profile::start();
             let rows = AttnRows {

@@ -41,7 +41,8 @@ launches the QKV product on N SMs fewer (graph.rs: 10 a KV head), so its blocks 
 `qkv3` launch the QKV product as 2 / 3 products of its row ranges (a probe: what a launch costs);
 `vq6` gives the layers llama.cpp's Q4_K_M keeps at more bits (`MORE_BITS`) a Q6_K V matrix of
 their own, launched after Q and K as the engine did before the fourteenth session, and with `mixk`
-one `mvx_<type>_q6_k` launch for all three, as graph.rs now does. `--trace` saves one step's per-block timeline from a file made by
+one `mvx_<type>_q6_k` launch for all three, as graph.rs now does. `--pad16` pads every weight row
+to 16 bytes, for `experiments/q6k-planar.patch` (`-DQ6P=1`: Q6_K's aligned-plane loads, timing only). `--trace` saves one step's per-block timeline from a file made by
 `experiments/trace.py make`. `-DATT_SPLITS=N` sizes the attention grids, `-DMM_WARPS_R=N` / `-DMM_WARPS=N` the tensor-core residual / other products' blocks
 (16 for the others does not compile as it is: SwiGLU's 32-sequence reduction would take 64 KB of
 shared memory; `experiments/mm-wide-blocks.patch`: `-DMM_RB_P|R|G=N` their output rows a block;
@@ -70,6 +71,7 @@ QKV = (HEADS + 2 * KVH) * HD
 CAP, EPS = 1024, 1e-5
 MAXB = 32
 SAME = False  # `--same-weights`: every layer multiplies layer 0's matrices (probe: weights from L2)
+PAD16 = False  # `--pad16`: rows padded to 16 bytes (for `experiments/q6k-planar.patch`'s aligned loads)
 # block size, bytes per block, where its f16 scale(s) sit
 TYPES = {"q4_k": (256, 144, 0, 4), "q6_k": (256, 210, 208, 210), "q8_0": (32, 34, 0, 2),
          "q4_0": (32, 18, 0, 2), "q4_1": (32, 20, 0, 4), "q5_0": (32, 22, 0, 2)}
@@ -83,13 +85,19 @@ def check(r, what):
 
 
 def rand_blocks(qt, rows, k, rng):
-    """Random quantized rows of `k` columns with finite, model-like scales."""
+    """Random quantized rows of `k` columns with finite, model-like scales (`--pad16`: each
+    row padded to a multiple of 16 bytes)."""
     bs, ts, s0, s1 = TYPES[qt]
     nb = rows * k // bs
     raw = cp.asarray(rng.integers(0, 256, size=nb * ts, dtype=np.uint8)).reshape(nb, ts)
     sc = rng.uniform(0.0005, 0.004, size=(nb, (s1 - s0) // 2)).astype(np.float16)
     raw[:, s0:s1] = cp.asarray(sc).view(cp.uint8).reshape(nb, s1 - s0)
-    return raw.reshape(-1), k // bs * ts
+    rb = k // bs * ts
+    if PAD16 and rb % 16:
+        padded = cp.zeros((rows, -(-rb // 16) * 16), dtype=cp.uint8)
+        padded[:, :rb] = raw.reshape(rows, rb)
+        return padded.reshape(-1), padded.shape[1]
+    return raw.reshape(-1), rb
 
 
 class Mv(ctypes.Structure):
@@ -789,7 +797,7 @@ def save_trace(v, m, graph, stream, stem):
 
 
 def main():
-    global CAP, SAME
+    global CAP, SAME, PAD16
     ap = argparse.ArgumentParser()
     ap.add_argument("variants", nargs="+")
     ap.add_argument("--batch", default="8,1,16,32")
@@ -803,13 +811,15 @@ def main():
                     help="variants built by experiments/trace.py: save one step's kernel timeline")
     ap.add_argument("--prebuilt", help="folder of NAME.cubin files to use instead of compiling those variants "
                     "(built elsewhere with the nvcc command of `Variant`)")
+    ap.add_argument("--pad16", action="store_true",
+                    help="pad every weight row to a multiple of 16 bytes (probe of Q6_K in aligned planes)")
     ap.add_argument("--same-weights", action="store_true",
                     help="probe: every layer multiplies layer 0's matrices (24.8 MB of Q4_K: they stay in the "
                     "50 MB L2), so the step shows what the kernels cost with weight reads nearly free")
     ap.add_argument("--once", action="store_true",
                     help="launch one step of each variant once, without graphs (for a profiler), and stop")
     args = ap.parse_args()
-    CAP, SAME = args.cap, args.same_weights
+    CAP, SAME, PAD16 = args.cap, args.same_weights, args.pad16
     vs = []
     for spec in args.variants:
         name, rest = spec.split("=", 1)

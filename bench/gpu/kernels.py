@@ -41,8 +41,9 @@ launches the QKV product on N SMs fewer (graph.rs: 10 a KV head), so its blocks 
 `qkv3` launch the QKV product as 2 / 3 products of its row ranges (a probe: what a launch costs);
 `vq6` gives the layers llama.cpp's Q4_K_M keeps at more bits (`MORE_BITS`) a Q6_K V matrix of
 their own, launched after Q and K as the engine did before the fourteenth session, and with `mixk`
-one `mvx_<type>_q6_k` launch for all three, as graph.rs now does. `--pad16` pads every weight row
-to 16 bytes, for `experiments/q6k-planar.patch` (`-DQ6P=1`: Q6_K's aligned-plane loads, timing only). `--trace` saves one step's per-block timeline from a file made by
+one `mvx_<type>_q6_k` launch for all three, as graph.rs now does. `q6planar` repacks the Q6_K
+matrices into aligned planes for `experiments/q6k-planar.patch` (build with `-DQ6P=1`); `--pad16`
+pads every weight row to 16 bytes. `--trace` saves one step's per-block timeline from a file made by
 `experiments/trace.py make`. `-DATT_SPLITS=N` sizes the attention grids, `-DMM_WARPS_R=N` / `-DMM_WARPS=N` the tensor-core residual / other products' blocks
 (16 for the others does not compile as it is: SwiGLU's 32-sequence reduction would take 64 KB of
 shared memory; `experiments/mm-wide-blocks.patch`: `-DMM_RB_P|R|G=N` their output rows a block;
@@ -183,6 +184,9 @@ class Variant:
         # its QKV product three launches (Q, K, V) up to 8 rows, as the engine launched them
         # before `mvx_*`; with `mixk`, one `mvx_<type>_q6_k_p<nb>` launch
         self.vq6 = "vq6" in flags
+        # `q6planar`: the matrix-vector products read Q6_K matrices repacked into planes
+        # (`Model.planar`), for `experiments/q6k-planar.patch` built with -DQ6P=1
+        self.q6planar = "q6planar" in flags
         self.mixk = "mixk" in flags
         # `smemNN`: matrix-vector kernels that copy their rows' weights into NN KiB of shared
         # memory before the wait (`mvs_<type>_<mode><nb>`, a block per SM)
@@ -191,7 +195,7 @@ class Variant:
         # it into L2 (at most `l2capMM` MB of them, default 32; whole steps only)
         self.l2pf = next((int(f[4:]) for f in flags if re.fullmatch(r"l2pf\d+", f)), 0)
         self.l2cap = next((int(f[5:]) for f in flags if re.fullmatch(r"l2cap\d+", f)), 32) << 20
-        flags = [f for f in flags if f not in ("mm", "pdl", "persist", "half", "mega", "gqa", "gqaall", "pair", "hc", "nostage", "stream", "mlp", "attcl", "one", "vq6", "mixk")
+        flags = [f for f in flags if f not in ("mm", "pdl", "persist", "half", "mega", "gqa", "gqaall", "pair", "hc", "nostage", "stream", "mlp", "attcl", "one", "vq6", "mixk", "q6planar")
                  and not re.fullmatch(r"(smem|l2pf|l2cap|fuse|gqas|free|qkv)\d+", f)]
         cubin = os.path.join(out_dir, f"{name}.cubin")
         cmd = ["nvcc", "--cubin", "-O3", "-arch=sm_90", "-Xptxas", "-v", *flags, "-o", cubin, src]
@@ -362,6 +366,22 @@ class Model:
         p[2 * MAXB:3 * MAXB] = np.arange(MAXB)
         self.params = cp.asarray(p)
         self.inv_freq = cp.asarray((1.0 / 10000 ** (np.arange(0, HD, 2) / HD)).astype(np.float32))
+        self._planar = {}
+
+    def planar(self, buf, rb, rows, k):
+        """Q6_K rows as `experiments/q6k-planar.patch` reads them: per row the blocks' low bits
+        (128 B each), high bits (64), scales (16) and d (2) as four planes, padded to 16 bytes;
+        made once per matrix."""
+        key = buf.data.ptr
+        if key not in self._planar:
+            nsb = k // 256
+            b = buf.reshape(rows, -1)[:, :nsb * 210].reshape(rows, nsb, 210)
+            row = cp.concatenate([b[:, :, a:z].reshape(rows, -1) for a, z in [(0, 128), (128, 192), (192, 208),
+                                                                              (208, 210)]], axis=1)
+            out = cp.zeros((rows, -(-row.shape[1] // 16) * 16), dtype=cp.uint8)
+            out[:, :row.shape[1]] = row
+            self._planar[key] = (out.reshape(-1), out.shape[1])
+        return self._planar[key]
 
     def bytes_of(self, name):
         return self.layers[0][name][0].nbytes
@@ -387,6 +407,8 @@ def mv_args(v, m, qt, mode, nb, wbuf, row_bytes, rows, k, x, y, ldy, norm_next=N
     `xn` for, `norm_in`: the norm the kernel applies to its input itself (`x` then is the
     residual stream; variants whose kernels round their inputs, up to batch 4)."""
     fn, rpb, threads = v.mv(qt, mode, nb)
+    if v.q6planar and qt == "q6_k" and not (v.mm and nb >= v.mm_from):
+        wbuf, row_bytes = m.planar(wbuf, row_bytes, rows * (2 if mode == 2 else 1), k)
     if v.smem and not (v.mm and nb >= v.mm_from) and v._has(f"mvs_{qt}_{'prg'[mode]}{nb}"):
         fn = v.mod.get_function(f"mvs_{qt}_{'prg'[mode]}{nb}")
         if norm_in is not None:

@@ -101,23 +101,22 @@ def rand_blocks(qt, rows, k, rng):
     return raw.reshape(-1), rb
 
 
+# decode.cu's `MvArgs`
+MV_FIELDS = [(f, ctypes.c_uint64) for f in ["w", "x", "norm_next", "xn", "bias", "y", "part", "n", "row_bytes"]] + \
+            [("rows", ctypes.c_int), ("k", ctypes.c_int), ("ldy", ctypes.c_int), ("mode", ctypes.c_int),
+             ("eps", ctypes.c_float), ("parts", ctypes.c_int), ("norm_in", ctypes.c_uint64)]
+
+
 class Mv(ctypes.Structure):
-    _fields_ = [(f, ctypes.c_uint64) for f in
-                ["w", "x", "norm_next", "xn", "bias", "y", "part", "n", "row_bytes"]] + \
-               [("rows", ctypes.c_int), ("k", ctypes.c_int), ("ldy", ctypes.c_int),
-                ("mode", ctypes.c_int), ("eps", ctypes.c_float), ("parts", ctypes.c_int), ("norm_in", ctypes.c_uint64),
-                ("pf", ctypes.c_uint64), ("pf_bytes", ctypes.c_uint64), ("ready", ctypes.c_uint64)]
+    """`MvArgs`, with the fields some experiments' kernels read after it."""
+    _fields_ = MV_FIELDS + [("pf", ctypes.c_uint64), ("pf_bytes", ctypes.c_uint64), ("ready", ctypes.c_uint64)]
 
 
 class MvX(ctypes.Structure):
     """decode.cu's `MvxArgs`: `MvArgs` and the mixed products' row ranges (`mvx_*`)."""
-    _fields_ = [(f, ctypes.c_uint64) for f in
-                ["w", "x", "norm_next", "xn", "bias", "y", "part", "n", "row_bytes"]] + \
-               [("rows", ctypes.c_int), ("k", ctypes.c_int), ("ldy", ctypes.c_int),
-                ("mode", ctypes.c_int), ("eps", ctypes.c_float), ("parts", ctypes.c_int), ("norm_in", ctypes.c_uint64),
-                ("seg_w1", ctypes.c_uint64), ("seg_w2", ctypes.c_uint64), ("seg_rb1", ctypes.c_uint64),
-                ("seg_rb2", ctypes.c_uint64), ("seg_end0", ctypes.c_int), ("seg_end1", ctypes.c_int),
-                ("seg_second", ctypes.c_int)]
+    _fields_ = MV_FIELDS + [("seg_w1", ctypes.c_uint64), ("seg_w2", ctypes.c_uint64), ("seg_rb1", ctypes.c_uint64),
+                            ("seg_rb2", ctypes.c_uint64), ("seg_end0", ctypes.c_int), ("seg_end1", ctypes.c_int),
+                            ("seg_second", ctypes.c_int)]
 
 
 # llama.cpp's Q4_K_M gives these layers' V (and down) matrices Q6_K (`use_more_bits`)
@@ -442,6 +441,17 @@ def mv_args(v, m, qt, mode, nb, wbuf, row_bytes, rows, k, x, y, ldy, norm_next=N
     return fn, (grid, 1, 1), (threads, 1, 1), smem, [a]
 
 
+def qkv_rows(v, m, qt, nb, lay, r0, r1, buf=None):
+    """The QKV product's rows r0..r1 as a launch of their own: rows of the layer's QKV matrix,
+    or `buf`, a matrix of those rows alone."""
+    w, rb = buf or lay["qkv"]
+    launch = mv_args(v, m, qt, 0, nb, w, rb, r1 - r0, H, m.xn, m.qkv, QKV, norm_in=lay["attn_norm"])
+    if buf is None:
+        launch[4][0].w += r0 * rb
+    launch[4][0].y += 4 * r0
+    return launch
+
+
 def norm_after(v, nb, out):
     """The tensor-core residual kernels leave the normed copy to `norm_rows_f32` (if the
     variant has it): a block per (sequence, 256 columns)."""
@@ -637,43 +647,29 @@ def step_launches(v, m, nb, only=None):
         parts = [q]
         mv_path = not (v.mm and nb >= v.mm_from)
         if v.vq6 and "v6" in lay and mv_path:
-            w, rb = lay["qkv"]
-            w6, rb6 = lay["v6"]
             qk = (HEADS + KVH) * HD
             fx = f"mvx_{qt}_q6_k_p{nb}"
             if v.mixk and v._has(fx):
                 fn = v.mod.get_function(fx)
                 smem = 2 * nb * ((H + 1023) // 1024) * v.xq_step
                 check(cuda.cuFuncSetAttribute(ctypes.c_void_p(fn.ptr), 8, smem), "cuFuncSetAttribute")
-                a = MvX(w=w.data.ptr, x=m.x.data.ptr, y=m.qkv.data.ptr, n=m.params.data.ptr + 4 * 3 * MAXB,
-                        row_bytes=rb, rows=QKV, k=H, ldy=QKV, mode=0, eps=EPS, part=m.part.data.ptr,
-                        xn=m.xn.data.ptr, norm_in=lay["attn_norm"].data.ptr,
-                        seg_w1=w.data.ptr + HEADS * HD * rb, seg_w2=w6.data.ptr, seg_rb1=rb, seg_rb2=rb6,
-                        seg_end0=HEADS * HD, seg_end1=qk, seg_second=4)
+                a = MvX()  # the whole QKV product's `MvArgs`, then its ranges: Q and K, then V
+                base = qkv_rows(v, m, qt, nb, lay, 0, QKV)[4][0]
+                ctypes.memmove(ctypes.addressof(a), ctypes.addressof(base), MvX.seg_w1.offset)
+                rb = lay["qkv"][1]
+                a.seg_w1, a.seg_rb1, a.seg_end0, a.seg_end1 = a.w + HEADS * HD * rb, rb, HEADS * HD, qk
+                a.seg_w2, a.seg_rb2, a.seg_second = lay["v6"][0].data.ptr, lay["v6"][1], 4
                 grid = min(-(-QKV // v.warps), resident_blocks(fn, v.warps * 32, smem))
                 parts = [(fn, (grid, 1, 1), (v.warps * 32, 1, 1), smem, [a])]
             else:
-                parts = []
-                for r0, r1 in [(0, HEADS * HD), (HEADS * HD, qk)]:
-                    qp = mv_args(v, m, qt, 0, nb, w, rb, r1 - r0, H, m.xn, m.qkv, QKV, norm_in=lay["attn_norm"])
-                    qp[4][0].w += r0 * rb
-                    qp[4][0].y += 4 * r0
-                    parts.append(qp)
-                qp = mv_args(v, m, "q6_k", 0, nb, w6, rb6, KVH * HD, H, m.xn, m.qkv, QKV, norm_in=lay["attn_norm"])
-                qp[4][0].y += 4 * qk
-                parts.append(qp)
+                parts = [qkv_rows(v, m, qt, nb, lay, 0, HEADS * HD), qkv_rows(v, m, qt, nb, lay, HEADS * HD, qk),
+                         qkv_rows(v, m, "q6_k", nb, lay, qk, QKV, lay["v6"])]
         elif v.qkv_parts > 1 and mv_path:
             # row ranges of the same matrix, each its own launch (as many blocks as alone)
             cuts = [0, HEADS * HD, (HEADS + KVH) * HD, QKV]
             if v.qkv_parts == 2:
                 cuts = [0, (HEADS + KVH) * HD, QKV]
-            parts = []
-            for r0, r1 in zip(cuts, cuts[1:]):
-                w, rb = lay["qkv"]
-                qp = mv_args(v, m, qt, 0, nb, w, rb, r1 - r0, H, m.xn, m.qkv, QKV, norm_in=lay["attn_norm"])
-                qp[4][0].w += r0 * rb
-                qp[4][0].y += 4 * r0
-                parts.append(qp)
+            parts = [qkv_rows(v, m, qt, nb, lay, r0, r1) for r0, r1 in zip(cuts, cuts[1:])]
         for q in parts:
             if v.free:
                 q = (q[0], (min(q[1][0], SMS - v.free), 1, 1), *q[2:])

@@ -5,7 +5,6 @@ import json, math, os, sys
 M, out = sys.argv[1], sys.argv[2]
 J = lambda f: json.load(open(os.path.join(M, f)))
 s = {"correctness": {}, "speed": {}, "worker": []}
-TOL = {"tinyllama-q4km.gguf": 3e-2, "tinyllama-bf16": 3e-2}
 # files benchmarked for speed: the Q4_K_M mix, every matrix Q4_K (what the sessions before the
 # fourteenth called Q4_K_M), bf16
 SPEED = ["tinyllama-q4km.gguf", "tinyllama-q4k.gguf", "tinyllama-bf16"]

@@ -447,9 +447,10 @@ mod tests {
             ..preset("tiny", Arch::Llama).unwrap()
         };
         let dir = tempfile::tempdir().unwrap();
-        let types = |dtype: &str| {
-            let p = dir.path().join(format!("{dtype}.gguf"));
-            write(&sh, parse_dtype(dtype).unwrap(), &p, 1).unwrap();
+        // the file's tensor types and `general.file_type`
+        let types = |sh: &Shape, dtype: &str| {
+            let p = dir.path().join(format!("{dtype}-{}.gguf", sh.hidden));
+            write(sh, parse_dtype(dtype).unwrap(), &p, 1).unwrap();
             let mut f = std::fs::File::open(&p).unwrap();
             let c = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
             let ft = c
@@ -463,7 +464,7 @@ mod tests {
                 .collect::<std::collections::HashMap<_, _>>();
             (t, ft)
         };
-        let (mix, ft) = types("q4_k_m");
+        let (mix, ft) = types(&sh, "q4_k_m");
         assert_eq!(ft, Some(15));
         assert_eq!(mix["output.weight"], GgmlDType::Q6K);
         assert_eq!(mix["token_embd.weight"], GgmlDType::Q4K);
@@ -492,18 +493,14 @@ mod tests {
             head_dim: 32,
             ..sh.clone()
         };
-        let p = dir.path().join("narrow.gguf");
-        write(&narrow, SynthDtype::GgufQ4KM, &p, 1).unwrap();
-        let c =
-            candle_core::quantized::gguf_file::Content::read(&mut std::fs::File::open(&p).unwrap())
-                .unwrap();
-        let t = |n: &str| c.tensor_infos[n].ggml_dtype;
+        let (narrow, _) = types(&narrow, "q4_k_m");
+        let t = |n: &str| narrow[n];
         assert_eq!(t("blk.1.attn_q.weight"), GgmlDType::Q5_0);
         assert_eq!(t("blk.1.attn_v.weight"), GgmlDType::Q5_0);
         assert_eq!(t("blk.0.attn_v.weight"), GgmlDType::Q8_0);
         assert_eq!(t("blk.0.ffn_down.weight"), GgmlDType::Q6K);
         assert_eq!(t("blk.1.ffn_down.weight"), GgmlDType::Q4K);
-        let (pure, ft) = types("q4_k");
+        let (pure, ft) = types(&sh, "q4_k");
         assert_eq!(ft, None);
         assert!(pure
             .iter()

@@ -83,6 +83,12 @@ const SMEM_MAX: usize = 180 * 1024;
 /// Shared memory of the matrix-vector kernels per sequence and 1024 columns of input: the
 /// input rounded to 16-bit integers with its scales (`XQ_STEP` in decode.cu).
 const XQ_STEP: usize = 2560;
+
+/// Dynamic shared memory of a matrix-vector kernel: `nb` input rows of `k` columns rounded,
+/// twice for a mixed product whose two types read them in different orders.
+fn xq_bytes(k: usize, nb: usize, two_orders: bool) -> usize {
+    (1 + two_orders as usize) * nb * k.div_ceil(1024) * XQ_STEP
+}
 const MODE_PLAIN: i32 = 0;
 const MODE_RESID: i32 = 1;
 const MODE_GLU: i32 = 2;
@@ -611,7 +617,7 @@ impl GraphDecoder {
             );
         }
         // the matrix-vector kernels keep their input rows in shared memory, rounded
-        let steps = layers
+        let k_max = layers
             .iter()
             .flat_map(|l| {
                 let qkv = l.qkv.iter().map(|(m, _, _)| m.k);
@@ -619,14 +625,16 @@ impl GraphDecoder {
             })
             .chain([lm_head.k])
             .max()
-            .unwrap_or(0)
-            .div_ceil(1024);
-        let mv_smem = |b: usize| b * steps * XQ_STEP;
+            .unwrap_or(0);
+        let mv_smem = |b: usize| xq_bytes(k_max, b, false);
         let Some(mv_max) = [8, 4, 2, 1].into_iter().find(|&b| mv_smem(b) <= SMEM_MAX) else {
-            return Err(unsupported(format!("rows of {} columns", steps * 1024)));
+            return Err(unsupported(format!(
+                "rows of {} columns",
+                k_max.div_ceil(1024) * 1024
+            )));
         };
         // the mixed QKV kernels: their input (hidden columns) rounded once or twice
-        let mixed_smem = |b: usize, two: bool| (1 + two as usize) * b * h.div_ceil(1024) * XQ_STEP;
+        let mixed_smem = |b: usize, two: bool| xq_bytes(h, b, two);
         let mut pairs: Vec<(&str, bool)> = layers
             .iter()
             .filter_map(|l| l.mixed.as_ref())
@@ -1025,12 +1033,7 @@ impl GraphDecoder {
         let mut blocks = (a.rows as usize).div_ceil(rows_per_block) as u32;
         let mut smem = 0;
         if kind == "mv" {
-            let orders = if m.mixed.is_some_and(|(_, two)| two) {
-                2
-            } else {
-                1
-            };
-            smem = (orders * nb * m.k.div_ceil(1024) * XQ_STEP) as u32;
+            smem = xq_bytes(m.k, nb, m.mixed.is_some_and(|(_, two)| two)) as u32;
             let per_sm = f
                 .occupancy_max_active_blocks_per_multiprocessor(threads as u32, smem as usize, None)
                 .map_err(drv)?;
